@@ -1,0 +1,81 @@
+"""Host-side sampling plans: which clients take part, and which examples each local step uses.
+
+Everything is a pure function of ``(seed, round, client)`` via NumPy ``SeedSequence`` entropy, so a
+run replays exactly and can be resumed from any round. The plan is data-independent: it depends on
+the public, configured client sizes only.
+
+Poisson sampling inside a client is realised as fixed-size padded index arrays plus masks (static
+shapes for jit). The array holds ``max_batch`` slots, chosen as ``ceil(m + k·sd)`` where
+``m = q·n`` is the expected batch and ``sd = sqrt(n·q·(1-q))``. If a Poisson draw is larger than
+``max_batch`` (probability about 3e-5 per step for k = 4), a uniformly random subset of
+``max_batch`` of the drawn examples is kept: this is *truncated* Poisson sampling, and the ledger
+accounts it as such (``TruncatedSubsampledGaussianDpEvent``, arXiv 2508.15089) whenever truncation
+is possible (``max_batch < n``), so the reported ε stays an upper bound. With
+``max_batch_sigmas=inf`` the array holds the whole client and nothing is ever truncated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+_PARTICIPATION = 0x5A11
+_EXAMPLES = 0xE4A3
+
+
+def participating_clients(seed: int, round_: int, num_clients: int,
+                          clients_per_round: int) -> np.ndarray:
+  """Sorted ids of the clients sampled (uniformly, without replacement) in ``round_``."""
+  if not 1 <= clients_per_round <= num_clients:
+    raise ValueError(f'fed.clients_per_round={clients_per_round} must be in [1, {num_clients}]')
+  if clients_per_round == num_clients:
+    return np.arange(num_clients, dtype=np.int32)
+  rng = np.random.default_rng([seed, round_, _PARTICIPATION])
+  return np.sort(rng.choice(num_clients, clients_per_round, replace=False)).astype(np.int32)
+
+
+def max_batch_size(n: int, q: float, sigmas: float = 4.0) -> int:
+  """Slots of the padded Poisson batch for a client of ``n`` examples sampled at rate ``q``."""
+  if not math.isfinite(sigmas):
+    return int(n)
+  m = n * q
+  return int(min(n, max(1, math.ceil(m + sigmas * math.sqrt(n * q * (1.0 - q))))))
+
+
+class BatchPlan(NamedTuple):
+  """Example indices and masks of one client's local steps in one round."""
+
+  indices: np.ndarray  # (steps, max_batch) int32, 0 in padded slots
+  mask: np.ndarray  # (steps, max_batch) float32
+  drawn: np.ndarray  # (steps,) Poisson draw sizes before truncation
+  truncated: int  # how many steps were truncated
+
+
+def poisson_plan(seed: int, round_: int, client: int, n: int, q: float, steps: int,
+                 max_batch: int) -> BatchPlan:
+  """Poisson-samples ``steps`` batches (rate ``q``) from ``n`` examples into ``max_batch`` slots."""
+  rng = np.random.default_rng([seed, round_, client, _EXAMPLES])
+  indices = np.zeros((steps, max_batch), np.int32)
+  mask = np.zeros((steps, max_batch), np.float32)
+  drawn = np.zeros(steps, np.int64)
+  truncated = 0
+  for s in range(steps):
+    chosen = np.flatnonzero(rng.random(n) < q)
+    drawn[s] = chosen.size
+    if chosen.size > max_batch:
+      chosen = np.sort(rng.choice(chosen, max_batch, replace=False))
+      truncated += 1
+    indices[s, :chosen.size] = chosen
+    mask[s, :chosen.size] = 1.0
+  return BatchPlan(indices, mask, drawn, truncated)
+
+
+def round_plan(seed: int, round_: int, clients: np.ndarray, sizes: np.ndarray,
+               rates: np.ndarray, steps: int, max_batch: int):
+  """Stacked plans for the participating ``clients``: indices/masks of shape (M, steps, B)."""
+  plans = [poisson_plan(seed, round_, int(c), int(sizes[c]), float(rates[c]), steps, max_batch)
+           for c in clients]
+  return (np.stack([p.indices for p in plans]), np.stack([p.mask for p in plans]),
+          sum(p.truncated for p in plans))

@@ -1,0 +1,155 @@
+"""Server state and the federated round.
+
+A round: the host picks the participating clients and their Poisson batches (a pure function of
+``(seed, round)``, see ``sampling.py``); the round gathers the batches from the device-resident
+client data, runs every sampled client's local DP-SGD through the configured backend, drops
+clients whose update is not finite, averages the updates weighted by the clients' (public) sizes,
+applies the server optimizer (FedAvg = SGD with lr 1 on the averaged update; FedAdam by config)
+and lets the controller update clip and noise from the clients' privatized reports. For the
+``vmap``/``map``/``sharded`` backends all of this is one jitted function.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.flatten_util import ravel_pytree
+
+from adpfl_jax.federated import backends
+from adpfl_jax.federated import client as client_lib
+from adpfl_jax.privacy import controller as controller_lib
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class ServerState:
+  """Everything a round reads and writes; exactly what is checkpointed (with the host ledger)."""
+
+  round: jax.Array  # () int32
+  params: PyTree
+  opt_state: PyTree
+  controller: controller_lib.ControllerState
+  key: jax.Array  # base PRNG key (uint32 key data); round keys are fold_in(key, round)
+
+
+def server_optimizer(fed_cfg) -> optax.GradientTransformation:
+  name = fed_cfg.server_optimizer
+  if name == 'fedavg':
+    return optax.sgd(float(fed_cfg.server_lr))
+  if name == 'fedavgm':
+    return optax.sgd(float(fed_cfg.server_lr), momentum=float(fed_cfg.server_momentum))
+  if name == 'fedadam':
+    return optax.adam(float(fed_cfg.server_lr), b1=0.9, b2=0.99, eps=1e-3)
+  raise ValueError(f"config.fed.server_optimizer={name!r} is not one of "
+                   "('fedavg', 'fedavgm', 'fedadam')")
+
+
+def init_state(params: PyTree, tx: optax.GradientTransformation,
+               controller: controller_lib.Controller, seed: int) -> ServerState:
+  return ServerState(round=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                     controller=controller.init(),
+                     key=jax.random.key_data(jax.random.key(seed)))
+
+
+class RoundInputs(NamedTuple):
+  """Host-built plan of one round (see ``sampling.py``)."""
+
+  client_ids: jax.Array  # (M,) int32; padding clients repeat an id and have weight 0
+  indices: jax.Array  # (M, steps, B) int32 example indices
+  mask: jax.Array  # (M, steps, B) float32
+  weights: jax.Array  # (M,) float32 aggregation weights (public sizes; 0 for padding clients)
+
+
+def _gather(data_x, data_y, inputs: RoundInputs):
+  ids = inputs.client_ids[:, None, None]
+  return data_x[ids, inputs.indices], data_y[ids, inputs.indices]
+
+
+def _client_keys(state: ServerState, client_ids):
+  round_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.round)
+  return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
+
+
+def _finish(state, tx, controller, inputs, deltas, reports, z_total, dp):
+  """Aggregation, server update and controller update (shared by all backends)."""
+  flat = jax.vmap(lambda d: ravel_pytree(d)[0])(deltas)
+  finite = jnp.all(jnp.isfinite(flat), axis=1) & (inputs.weights > 0)
+  w = jnp.where(finite, inputs.weights, 0.0)
+  total = jnp.sum(w)
+  w = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
+  avg = jax.tree_util.tree_map(
+      lambda d: jnp.tensordot(w, jnp.where(finite.reshape((-1,) + (1,) * (d.ndim - 1)), d, 0), 1),
+      deltas)
+  # optax minimises: the pseudo-gradient is the negative average update.
+  pseudo_grad = jax.tree_util.tree_map(jnp.negative, avg)
+  updates, opt_state = tx.update(pseudo_grad, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ctrl = controller.update(state.controller, inputs.client_ids, reports, finite)
+  real = inputs.weights > 0
+  metrics = {
+      'train_loss': jnp.sum(jnp.where(finite, reports['train_loss'], 0.0) * w),
+      'update_norm': optax.global_norm(avg),
+      'client_finite': finite,
+      'client_real': real,
+      'clip_norm': dp.clip,
+      'noise_multiplier': z_total,
+      'noise_multiplier_grad': dp.noise_grad,
+      'unclipped_fraction': reports['unclipped_fraction'],
+      'examples': reports['examples'],
+  }
+  new_state = state.replace(round=state.round + 1, params=params, opt_state=opt_state,
+                            controller=ctrl)
+  return new_state, metrics
+
+
+class Round(NamedTuple):
+  """``step(state, data_x, data_y, inputs) -> (state, metrics)`` plus what built it."""
+
+  step: Any
+  backend: str
+  jitted: Any  # the jitted function(s), for compile-count checks
+
+
+def build_round(cfg: client_lib.ClientConfig, tx, controller: controller_lib.Controller,
+                backend: str, *, chunk_size: int = 1, mesh=None, donate: bool = False) -> Round:
+  """Builds the round function for ``backend`` (already resolved, not ``auto``)."""
+  per_client = lambda *a: client_lib.client_update(cfg, *a)
+
+  if backend in backends.ONE_JIT:
+    mapped = backends.build(backend, per_client, chunk_size=chunk_size, mesh=mesh)
+
+    def round_fn(state, data_x, data_y, inputs):
+      xb, yb = _gather(data_x, data_y, inputs)
+      dp, z_total = controller.client_dp(state.controller, inputs.client_ids)
+      keys = _client_keys(state, inputs.client_ids)
+      deltas, reports = mapped(state.params, xb, yb, inputs.mask, dp, keys)
+      return _finish(state, tx, controller, inputs, deltas, reports, z_total, dp)
+
+    jitted = jax.jit(round_fn, donate_argnums=(0,) if donate else ())
+    return Round(step=jitted, backend=backend, jitted=(jitted,))
+
+  if backend != 'loop':
+    raise ValueError(f'unknown backend {backend!r}')
+  client_jit = jax.jit(per_client)
+
+  @jax.jit
+  def prepare(state, data_x, data_y, inputs):
+    xb, yb = _gather(data_x, data_y, inputs)
+    dp, z_total = controller.client_dp(state.controller, inputs.client_ids)
+    return xb, yb, dp, z_total, _client_keys(state, inputs.client_ids)
+
+  finish = jax.jit(lambda state, inputs, deltas, reports, z_total, dp: _finish(
+      state, tx, controller, inputs, deltas, reports, z_total, dp))
+  mapped = backends.loop_clients(client_jit)
+
+  def loop_round(state, data_x, data_y, inputs):
+    xb, yb, dp, z_total, keys = prepare(state, data_x, data_y, inputs)
+    deltas, reports = mapped(state.params, xb, yb, inputs.mask, dp, keys)
+    return finish(state, inputs, deltas, reports, z_total, dp)
+
+  return Round(step=loop_round, backend='loop', jitted=(prepare, client_jit, finish))

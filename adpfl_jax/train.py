@@ -1,0 +1,255 @@
+"""``train_and_evaluate(config, workdir)``: the training loop, one readable function.
+
+Sections: validate → data → privacy plan (calibration, ledgers, budget) → model and round →
+rounds (host sampling plan, jitted round, ledger, evaluation, metrics) → summary. Everything the
+host needs to know about privacy lives in ``privacy/plan.py``; the jitted round only sees arrays.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from adpfl_jax import losses
+from adpfl_jax import models
+from adpfl_jax import validation
+from adpfl_jax.data import federated as fed_data
+from adpfl_jax.federated import backends
+from adpfl_jax.federated import client as client_lib
+from adpfl_jax.federated import sampling
+from adpfl_jax.federated import server
+from adpfl_jax.metrics import dice as dice_lib
+from adpfl_jax.privacy import controller as controller_lib
+from adpfl_jax.privacy import plan as plan_lib
+
+
+def regions_for(task: str, num_classes: int):
+  """Evaluation regions (name → labels) of a task."""
+  if task == 'skin' or num_classes == 1:
+    return {'lesion': (1,)}
+  if task == 'kits23':
+    return {'kidney_and_masses': (1, 2, 3), 'masses': (2, 3), 'tumor': (2,)}
+  if task == 'brats2024':
+    return {'WT': (1, 2, 3), 'TC': (1, 3), 'ET': (3,), 'NETC': (1,), 'SNFH': (2,), 'RC': (4,)}
+  return {f'class_{c}': (c,) for c in range(1, num_classes)}
+
+
+class Trainer:
+  """Holds the pieces built from a config; ``run`` trains. Built once, before anything compiles."""
+
+  def __init__(self, config, workdir: str, data: fed_data.FederatedData | None = None):
+    validation.validate(config)
+    self.config = config
+    self.workdir = workdir
+    self.data = data if data is not None else fed_data.load(config.data, config.seed)
+    validation.validate_data(config, self.data)
+    self.regions = regions_for(self.data.task, self.data.num_classes)
+    self.plan = plan_lib.PrivacyPlan.from_config(config, self.data.sizes)
+    self.model = models.get_model(config.model, self.data.example_shape,
+                                  self.data.num_classes)
+    region_labels = list(self.regions.values()) if self.data.num_classes > 1 else None
+    apply_fn = self.model.apply
+
+    def loss_fn(params, x, y):
+      return losses.segmentation_loss(apply_fn(params, x), y, regions=region_labels,
+                                      dice_weight=config.loss.dice_weight,
+                                      ce_weight=config.loss.ce_weight)
+
+    self.loss_fn = loss_fn
+    params = self.model.init(jax.random.key(config.seed))
+    self.param_count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+    self.controller = controller_lib.make(config.privacy, config.fed, self.data.sizes,
+                                          self.plan.rates, self.plan.noise_scale,
+                                          self.param_count)
+    self.tx = server.server_optimizer(config.fed)
+    self.backend = backends.resolve(config.fed.backend)
+    self.mesh = None
+    if self.backend == 'sharded':
+      self.mesh = backends.make_mesh(int(config.fed.num_devices) or None)
+    self.client_cfg = client_lib.ClientConfig(
+        loss_fn=loss_fn, private=self.plan.private, mechanism=config.privacy.mechanism,
+        momentum=float(config.fed.client_momentum),
+        histogram=self.controller.mode == 'percentile')
+    self.round = server.build_round(self.client_cfg, self.tx, self.controller, self.backend,
+                                    chunk_size=int(config.fed.chunk_size), mesh=self.mesh)
+    self.initial_state = server.init_state(params, self.tx, self.controller, config.seed)
+    self.evaluator = dice_lib.make_evaluator(apply_fn, list(self.regions.values()),
+                                             int(config.eval.batch_size))
+
+  # --------------------------------------------------------------------------------------------
+  def round_inputs(self, round_: int) -> tuple[server.RoundInputs, np.ndarray]:
+    """Host sampling plan of one round: a pure function of (seed, round)."""
+    cfg = self.config
+    clients = sampling.participating_clients(cfg.seed, round_, self.data.num_clients,
+                                             int(cfg.fed.clients_per_round))
+    idx, mask, _ = sampling.round_plan(cfg.seed, round_, clients, self.data.sizes,
+                                       self.plan.rates, int(cfg.fed.local_steps),
+                                       self.plan.max_batch)
+    weights = self.data.sizes[clients].astype(np.float32)
+    ids, idx, mask, weights = self._pad_clients(clients, idx, mask, weights)
+    return server.RoundInputs(client_ids=jnp.asarray(ids), indices=jnp.asarray(idx),
+                              mask=jnp.asarray(mask), weights=jnp.asarray(weights)), clients
+
+  def _pad_clients(self, clients, idx, mask, weights):
+    """Pads the client axis to a multiple of the device count (sharded backend)."""
+    if self.mesh is None:
+      return clients, idx, mask, weights
+    d = self.mesh.devices.size
+    extra = (-len(clients)) % d
+    if not extra:
+      return clients, idx, mask, weights
+    rep = lambda a, v: np.concatenate([a, np.full((extra,) + a.shape[1:], v, a.dtype)])
+    return (rep(clients, clients[0]), rep(idx, 0), rep(mask, 0.0), rep(weights, 0.0))
+
+  def evaluate(self, params):
+    """Per-client and pooled test Dice (per region)."""
+    per_client = []
+    all_rows = []
+    for k in range(self.data.num_clients):
+      rows = self.evaluator(params, self.data.test_x[k], self.data.test_y[k])
+      all_rows.append(rows)
+      per_client.append(rows.mean(0) if len(rows) else np.full(len(self.regions), np.nan))
+    pooled = np.concatenate(all_rows).mean(0)
+    names = list(self.regions)
+    return {
+        'dice': float(np.mean(pooled)),
+        'dice_per_client': [float(np.mean(c)) for c in per_client],
+        'dice_per_region': {n: float(pooled[i]) for i, n in enumerate(names)},
+    }
+
+  # --------------------------------------------------------------------------------------------
+  def run(self):
+    cfg = self.config
+    os.makedirs(self.workdir, exist_ok=True)
+    with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
+      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    state = self.initial_state
+    data_x = jnp.asarray(self.data.train_x)
+    data_y = jnp.asarray(self.data.train_y)
+    rounds = int(cfg.fed.rounds)
+    self.plan.print_header(self.data.client_names, rounds)
+    metrics_path = os.path.join(self.workdir, 'metrics.jsonl')
+    t_start = time.time()
+    examples = 0
+    stopped = 'completed'
+    last_eval = None
+    bar = tqdm.tqdm(range(rounds), desc='rounds', disable=not cfg.log.progress, file=sys.stdout,
+                    dynamic_ncols=True)
+    with open(metrics_path, 'a') as mf:
+      for r in bar:
+        inputs, clients = self.round_inputs(r)
+        z_next = self.plan.planned_noise(r, clients)
+        blocked = self.plan.would_exceed(r, clients, z_next)
+        if blocked is not None:
+          stopped = (f'budget: round {r} would take silo {blocked} past the target '
+                     f'ε={self.plan.target_epsilon} at δ={self.plan.delta}')
+          tqdm.tqdm.write(f'Stopping before round {r}: {stopped}')
+          break
+        state, m = self.round.step(state, data_x, data_y, inputs)
+        m = jax.device_get(m)
+        real = np.asarray(m['client_real'], bool)
+        self.plan.record_round(clients, np.asarray(m['noise_multiplier'])[real],
+                               int(cfg.fed.local_steps))
+        examples += int(np.sum(m['examples']))
+        if not np.isfinite(m['train_loss']):
+          stopped = f'non-finite training loss at round {r}'
+          tqdm.tqdm.write(stopped)
+          break
+        if (r + 1) % int(cfg.eval.every_rounds) == 0 or r + 1 == rounds:
+          last_eval = self._log(mf, r + 1, state, m, clients, examples, t_start)
+          bar.set_postfix(dice=f"{last_eval['dice']:.3f}", eps=f"{last_eval['epsilon']:.2f}")
+    if last_eval is None or last_eval['round'] != int(state.round):
+      with open(metrics_path, 'a') as mf:
+        last_eval = self._log(mf, int(state.round), state, m if int(state.round) else None,
+                              None, examples, t_start)
+    summary = self._summary(last_eval, int(state.round), stopped, time.time() - t_start)
+    self.final_state = state
+    return summary
+
+  def _log(self, mf, round_, state, m, clients, examples, t_start):
+    ev = self.evaluate(state.params)
+    eps = self.plan.epsilons()
+    wall = time.time() - t_start
+    row = {
+        'round': round_,
+        'train_loss': float(m['train_loss']) if m is not None else None,
+        **ev,
+        'epsilon': float(np.max(eps)),
+        'epsilon_per_client': [float(e) for e in eps],
+        'delta': self.plan.delta,
+        'privacy_unit': self.plan.unit,
+        'accountant': self.plan.accountant,
+        'clip_norm': [float(c) for c in np.asarray(state.controller.clip)],
+        'noise_multiplier': self.plan.current_noise(),
+        'examples_per_second': examples / max(wall, 1e-9),
+        'wall_seconds': wall,
+    }
+    if m is not None:
+      row['unclipped_fraction_noisy'] = [float(v) for v in m['unclipped_fraction']]
+      row['update_norm'] = float(m['update_norm'])
+    if not self.plan.valid_guarantee:
+      row['epsilon_is_valid'] = False
+    mf.write(json.dumps(row) + '\n')
+    mf.flush()
+    return row
+
+  def _summary(self, last, rounds, stopped, wall):
+    eps = self.plan.epsilons(final=True)
+    summary = {
+        'dice': last['dice'],
+        'dice_per_client': last['dice_per_client'],
+        'dice_per_region': last['dice_per_region'],
+        'epsilon': float(np.max(eps)),
+        'epsilon_per_client': [float(e) for e in eps],
+        'delta': self.plan.delta,
+        'privacy_unit': self.plan.unit,
+        'privacy_mode': self.config.privacy.mode,
+        'clip_mode': self.controller.mode,
+        'accountant': self.plan.accountant,
+        'target_epsilon': self.plan.target_epsilon,
+        'noise_multiplier': self.plan.current_noise(),
+        'rounds': rounds,
+        'backend': self.backend,
+        'wall_seconds': wall,
+        'stopped_reason': stopped,
+        'epsilon_is_valid': self.plan.valid_guarantee,
+    }
+    with open(os.path.join(self.workdir, 'summary.json'), 'w') as f:
+      json.dump(summary, f, indent=2)
+    with open(os.path.join(self.workdir, 'ledger.json'), 'w') as f:
+      json.dump(self.plan.ledgers_json(), f)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+  eps = summary['epsilon']
+  eps_s = '∞ (no privacy)' if not np.isfinite(eps) else f'{eps:.3f}'
+  lines = [
+      '',
+      '=' * 64,
+      f"  Dice (pooled test): {summary['dice']:.4f}",
+      '  Dice per client:    ' + ', '.join(f'{d:.3f}' for d in summary['dice_per_client']),
+      f"  ε (max over silos): {eps_s} at δ = {summary['delta']:g}"
+      f" [{summary['accountant']}, unit: {summary['privacy_unit']}]",
+      f"  rounds: {summary['rounds']}   wall: {summary['wall_seconds']:.1f} s   "
+      f"backend: {summary['backend']}",
+      f"  stopped: {summary['stopped_reason']}",
+  ]
+  if not summary.get('epsilon_is_valid', True):
+    lines.append('  WARNING: this run used a non-private rule; its ε is NOT a valid guarantee.')
+  lines.append('=' * 64)
+  return '\n'.join(lines)
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+  trainer = Trainer(config, workdir)
+  summary = trainer.run()
+  print(format_summary(summary), flush=True)
+  return summary
