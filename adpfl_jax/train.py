@@ -52,6 +52,12 @@ class Trainer:
     validation.validate_data(config, self.data)
     self.regions = regions_for(self.data.task, self.data.num_classes)
     self.plan = plan_lib.PrivacyPlan.from_config(config, self.data.sizes)
+    first = self.plan.first_exceeding_silo()
+    if first is not None:
+      raise validation.ConfigError(
+          f'config.privacy.target_epsilon={config.privacy.target_epsilon} is already exceeded by '
+          f'the first round of silo {first} (noise multiplier '
+          f'{self.plan.noise_scale[first]:.4g}); lower the noise steps or raise the budget.')
     self.model = models.get_model(config.model, self.data.example_shape,
                                   self.data.num_classes)
     region_labels = list(self.regions.values()) if self.data.num_classes > 1 else None

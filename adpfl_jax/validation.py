@@ -40,8 +40,8 @@ def validate(config) -> None:
   _choice(config, 'model.upsample', ('transpose', 'nearest'))
   _check(0 < p.delta < 1, 'privacy.delta', p.delta, 'must be in (0, 1)')
   _check(p.target_epsilon > 0, 'privacy.target_epsilon', p.target_epsilon, 'must be > 0')
-  _check(p.noise_multiplier < 0 or math.isfinite(p.noise_multiplier), 'privacy.noise_multiplier',
-         p.noise_multiplier, 'must be finite (or negative to calibrate from target_epsilon)')
+  _check(math.isfinite(p.noise_multiplier) and p.noise_multiplier >= 0,
+         'privacy.noise_multiplier', p.noise_multiplier, 'must be finite and >= 0')
   _check(p.clip_norm > 0, 'privacy.clip_norm', p.clip_norm, 'must be > 0')
   _check(0 < p.clip_min <= p.clip_norm <= p.clip_max, 'privacy.clip_min', p.clip_min,
          'need 0 < clip_min <= clip_norm <= clip_max')

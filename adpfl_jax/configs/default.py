@@ -45,7 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.fed.client_lr = 0.5
   c.fed.client_momentum = 0.0
   c.fed.client_lr_schedule = 'constant'
-  c.fed.client_lr_schedule_params = ml_collections.ConfigDict()
+  c.fed.client_lr_schedule_params = ml_collections.ConfigDict(dict(
+      rate=0.99, factor=0.5, every=10, start=1.0, end=0.1, rounds=0))
   c.fed.server_optimizer = 'fedavg'  # fedavg | fedavgm | fedadam
   c.fed.server_lr = 1.0
   c.fed.server_momentum = 0.9
@@ -58,14 +59,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.privacy.clip_norm = 1.0  # C (fixed) or C_0 (adaptive)
   c.privacy.clip_min = 1e-3
   c.privacy.clip_max = 1e3
-  c.privacy.noise_multiplier = -1.0  # total z; < 0: calibrate from target_epsilon
+  c.privacy.calibrate = True  # noise from target_epsilon and the planned run
+  c.privacy.noise_multiplier = 1.0  # total z, used when calibrate=False
   c.privacy.target_epsilon = 8.0
   c.privacy.delta = 1e-5
   c.privacy.accountant = 'pld'  # pld | rdp
   c.privacy.batch_size = 32  # expected Poisson batch q·n_k per local step
   c.privacy.max_batch_sigmas = 4.0  # padded batch = ceil(m + k·sd); inf = never truncate
   c.privacy.noise_schedule = 'constant'
-  c.privacy.noise_schedule_params = ml_collections.ConfigDict()
+  # Shape parameters of every schedule; only those of the chosen kind are used
+  # (exponential: rate; step: factor, every; linear/cosine: start, end, rounds; 0 = fed.rounds).
+  c.privacy.noise_schedule_params = ml_collections.ConfigDict(dict(
+      rate=0.99, factor=0.8, every=10, start=1.5, end=0.75, rounds=0))
   c.privacy.stop_at_budget = True
 
   c.privacy.quantile = ml_collections.ConfigDict()

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adpfl_jax.federated.client import ClientDP
+from adpfl_jax.privacy import plan as plan_lib
 from adpfl_jax.privacy import schedules
 
 CLIP_MODES = ('fixed', 'quantile', 'percentile', 'naive_percentile', 'none')
@@ -86,11 +87,12 @@ def make(privacy_cfg, fed_cfg, sizes: np.ndarray, rates: np.ndarray, noise_scale
     raise ValueError(f'config.privacy.clip_mode={mode!r} is not one of {CLIP_MODES}')
   num_clients = len(sizes)
   expected = np.asarray(sizes, np.float64) * np.asarray(rates, np.float64)
-  shape_fn = schedules.jnp_schedule(privacy_cfg.noise_schedule,
-                                    dict(privacy_cfg.noise_schedule_params))
-  max_shape = float(np.max(schedules.np_schedule(
-      privacy_cfg.noise_schedule, dict(privacy_cfg.noise_schedule_params))(
-          np.arange(max(1, int(fed_cfg.rounds))))))
+  sched_params = plan_lib.schedule_params(privacy_cfg.noise_schedule,
+                                          dict(privacy_cfg.noise_schedule_params),
+                                          int(fed_cfg.rounds))
+  shape_fn = schedules.jnp_schedule(privacy_cfg.noise_schedule, sched_params)
+  max_shape = float(np.max(schedules.np_schedule(privacy_cfg.noise_schedule, sched_params)(
+      np.arange(max(1, int(fed_cfg.rounds))))))
   count_std = np.zeros(num_clients)
   grid = np.ones(1, np.float32)
   grid_std = np.zeros(num_clients)
@@ -122,8 +124,9 @@ def make(privacy_cfg, fed_cfg, sizes: np.ndarray, rates: np.ndarray, noise_scale
   clip0 = float(privacy_cfg.clip_norm)
   clip_min = float(privacy_cfg.get('clip_min', 1e-6))
   clip_max = float(privacy_cfg.get('clip_max', 1e6))
-  lr_shape = schedules.jnp_schedule(fed_cfg.get('client_lr_schedule', 'constant'),
-                                    dict(fed_cfg.get('client_lr_schedule_params', {})))
+  lr_kind = fed_cfg.get('client_lr_schedule', 'constant')
+  lr_shape = schedules.jnp_schedule(lr_kind, plan_lib.schedule_params(
+      lr_kind, dict(fed_cfg.get('client_lr_schedule_params', {})), int(fed_cfg.rounds)))
   count_std_j = jnp.asarray(count_std, jnp.float32)
   grid_j = jnp.asarray(grid)
   grid_std_j = jnp.asarray(grid_std, jnp.float32)

@@ -25,6 +25,25 @@ from adpfl_jax.privacy import accounting
 from adpfl_jax.privacy import schedules
 
 _COARSE_PLD = 1e-3
+# Calibrate a hair below the target so float32 rounding of σ on the device cannot cross it.
+_CALIBRATION_MARGIN = 1 - 1e-5
+
+
+def _rdp_batch_size(n: int, q: float, steps: int, target_epsilon: float, delta: float) -> int:
+  """Padded batch size for the RDP accountant, which has no truncated-Poisson event.
+
+  The RDP ledger charges truncation through total variation: over T steps, truncation at B
+  changes the output distribution by at most T·η with η = P[Binomial(n + 1, q) > B], which
+  costs T·η·(1 + e^ε) of δ. B is the smallest size that keeps this below δ/1000 for the planned
+  steps at the target ε, so the reported ε is essentially that of untruncated Poisson sampling.
+  """
+  budget = delta * 1e-3 / max(steps, 1) / (1.0 + math.exp(min(target_epsilon, 700.0)))
+  m = n * q
+  sd = math.sqrt(max(n * q * (1 - q), 1e-12))
+  b = max(1, math.ceil(m))
+  while b < n and accounting.StepSpec(q, 1.0, 'gaussian', b, n).truncation_probability > budget:
+    b += max(1, int(sd // 4))
+  return min(b, n)
 
 
 class PrivacyPlan:
@@ -66,8 +85,6 @@ class PrivacyPlan:
     private = p.mode == 'dp'
     m = float(p.batch_size)
     rates = np.minimum(1.0, m / sizes.astype(np.float64))
-    max_batch = max(sampling.max_batch_size(int(n), float(q), float(p.max_batch_sigmas))
-                    for n, q in zip(sizes, rates))
     k = len(sizes)
     rounds = int(config.fed.rounds)
     steps = int(config.fed.local_steps)
@@ -76,8 +93,14 @@ class PrivacyPlan:
       participation[r, sampling.participating_clients(
           int(config.seed), r, k, int(config.fed.clients_per_round))] = True
     planned_steps = participation.sum(0) * steps
+    if private and p.accountant == 'rdp':
+      max_batch = max(_rdp_batch_size(int(n), float(q), int(t), p.target_epsilon, p.delta)
+                      for n, q, t in zip(sizes, rates, planned_steps))
+    else:
+      max_batch = max(sampling.max_batch_size(int(n), float(q), float(p.max_batch_sigmas))
+                      for n, q in zip(sizes, rates))
     schedule = p.noise_schedule
-    params = dict(p.noise_schedule_params)
+    params = schedule_params(schedule, dict(p.noise_schedule_params), rounds)
     plan = cls(private=private, sizes=sizes, rates=rates, max_batch=max_batch,
                mechanism=p.mechanism, accountant=p.accountant, delta=p.delta,
                target_epsilon=p.target_epsilon, noise_scale=np.zeros(k), schedule=schedule,
@@ -87,7 +110,7 @@ class PrivacyPlan:
     plan.local_steps = steps
     if not private:
       return plan
-    if float(p.noise_multiplier) >= 0:
+    if not p.calibrate:
       plan.noise_scale = np.full(k, float(p.noise_multiplier))
     else:
       plan.noise_scale = plan._calibrate()
@@ -145,8 +168,8 @@ class PrivacyPlan:
           cache[key] = 0.0
           continue
         cache[key] = accounting.calibrate_scale(
-            lambda s, k=k: self._planned_specs(k, s), self.target_epsilon, self.delta,
-            self.accountant)
+            lambda s, k=k: self._planned_specs(k, s), self.target_epsilon * _CALIBRATION_MARGIN,
+            self.delta, self.accountant)
       out[k] = cache[key]
     return out
 
@@ -170,6 +193,16 @@ class PrivacyPlan:
           hi = mid
       limits[k] = rounds[lo] if lo < len(rounds) else np.inf
     return limits
+
+  def first_exceeding_silo(self):
+    """A silo whose very first planned round already exceeds the target (or None)."""
+    if not self.private or not self.stop_at_budget:
+      return None
+    for k in range(len(self.sizes)):
+      rounds = self._client_rounds(k)
+      if len(rounds) and self._limits[k] <= rounds[0]:
+        return k
+    return None
 
   # ------------------------------------------------------------------------------------------
   def planned_noise(self, round_: int, clients) -> np.ndarray:
@@ -244,3 +277,18 @@ class PrivacyPlan:
             f'steps, noise multiplier scale {self.noise_scale[k]:.4f}')
     if not math.isinf(float(np.min(self._limits))):
       print(f'  budget stop planned before round {int(np.min(self._limits))}')
+
+
+def schedule_params(kind: str, params, rounds: int) -> dict:
+  """The parameters of schedule ``kind`` from a config section holding every kind's keys.
+
+  ``rounds`` = 0 in the config means the run's ``fed.rounds``.
+  """
+  wanted = {'constant': (), 'exponential': ('rate',), 'step': ('factor', 'every'),
+            'linear': ('start', 'end', 'rounds'), 'cosine': ('start', 'end', 'rounds')}
+  if kind not in wanted:
+    raise ValueError(f'schedule {kind!r} is not one of {tuple(wanted)}')
+  out = {k: params[k] for k in wanted[kind] if k in params}
+  if 'rounds' in wanted[kind] and not out.get('rounds'):
+    out['rounds'] = rounds
+  return schedules.validate_params(kind, out, rounds)

@@ -1,0 +1,38 @@
+# adpfl_jax — `make demo` and `make test` work on a fresh machine with python3 (>= 3.11) and make.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu
+SMOKE ?=
+SEEDS ?= 0 1 2
+
+.PHONY: install demo test test-fast lint bench compare clean help
+
+help:
+	@echo "make demo | test | install | lint | bench | compare | clean"
+
+$(STAMP): setup.cfg pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "python >= 3.11 needed"'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	rm -rf runs/demo
+	$(BIN)/adpfl train --config=experiments/quickstart.py --workdir=runs/demo
+
+test: install
+	$(TEST_ENV) $(BIN)/python -m pytest tests
+
+lint: install
+	$(BIN)/ruff check adpfl_jax tests benchmarks experiments
+
+bench: install
+	$(BIN)/python benchmarks/round_throughput.py
+
+clean:
+	rm -rf runs .pytest_cache

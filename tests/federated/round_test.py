@@ -1,0 +1,154 @@
+"""The federated round: backends agree, one compilation per run, end to end, budget stop."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from adpfl_jax import train
+from adpfl_jax import validation
+from adpfl_jax.configs import default
+
+
+def tiny_config(**overrides):
+  c = default.get_config()
+  c.data.num_clients = 4
+  c.data.examples_per_client = 24
+  c.data.test_examples_per_client = 4
+  c.data.image_size = 8
+  c.model.features = 4
+  c.model.depth = 1
+  c.model.groups = 2
+  c.fed.rounds = 2
+  c.fed.local_steps = 2
+  c.fed.clients_per_round = 4
+  c.privacy.batch_size = 6
+  c.privacy.accountant = 'rdp'
+  c.eval.every_rounds = 1
+  c.eval.batch_size = 8
+  c.log.progress = False
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope='module')
+def phantom_data():
+  c = tiny_config()
+  from adpfl_jax.data import federated
+  return federated.load(c.data, c.seed)
+
+
+def _one_round(cfg, data, tmp):
+  trainer = train.Trainer(cfg, tmp, data=data)
+  inputs, _ = trainer.round_inputs(0)
+  state, metrics = trainer.round.step(trainer.initial_state, jnp.asarray(data.train_x),
+                                      jnp.asarray(data.train_y), inputs)
+  return ravel_pytree(state.params)[0], jax.device_get(metrics)
+
+
+def test_all_backends_agree(phantom_data, tmp_path):
+  assert jax.device_count() >= 2, 'tests run with forced CPU devices (see tests/conftest.py)'
+  ref, ref_m = _one_round(tiny_config(**{'fed.backend': 'loop'}), phantom_data, str(tmp_path))
+  for backend, extra in [('vmap', {}), ('map', {}), ('map', {'fed.chunk_size': 2}),
+                         ('sharded', {'fed.clients_per_round': 3})]:
+    cfg = tiny_config(**{'fed.backend': backend, **extra})
+    got, m = _one_round(cfg, phantom_data, str(tmp_path))
+    if backend == 'sharded':  # 3 clients padded to 4 devices: compare with loop on 3 clients
+      want, want_m = _one_round(tiny_config(**{'fed.backend': 'loop', 'fed.clients_per_round': 3}),
+                                phantom_data, str(tmp_path))
+    else:
+      want, want_m = ref, ref_m
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6, err_msg=backend)
+    np.testing.assert_allclose(m['train_loss'], want_m['train_loss'], rtol=1e-4)
+
+
+def test_round_compiles_once_while_clip_and_noise_change(phantom_data, tmp_path):
+  cfg = tiny_config(**{'fed.backend': 'map', 'privacy.clip_mode': 'quantile',
+                       'privacy.noise_schedule': 'exponential', 'fed.rounds': 4,
+                       'privacy.noise_schedule_params.rate': 0.8,
+                       'privacy.target_epsilon': 50.0})
+  trainer = train.Trainer(cfg, str(tmp_path), data=phantom_data)
+  state = trainer.initial_state
+  x, y = jnp.asarray(phantom_data.train_x), jnp.asarray(phantom_data.train_y)
+  clips, noises = [], []
+  for r in range(4):
+    inputs, _ = trainer.round_inputs(r)
+    state, m = trainer.round.step(state, x, y, inputs)
+    clips.append(np.asarray(state.controller.clip).copy())
+    noises.append(np.asarray(m['noise_multiplier']).copy())
+  assert trainer.round.jitted[0]._cache_size() == 1
+  assert not np.allclose(clips[0], clips[-1])  # clip adapted
+  assert not np.allclose(noises[0], noises[-1])  # noise followed the schedule
+
+
+def test_end_to_end_run_writes_outputs(phantom_data, tmp_path):
+  cfg = tiny_config()
+  summary = train.Trainer(cfg, str(tmp_path), data=phantom_data).run()
+  rows = [json.loads(l) for l in open(os.path.join(tmp_path, 'metrics.jsonl'))]
+  assert [r['round'] for r in rows] == [1, 2]
+  for key in ('round', 'train_loss', 'dice', 'dice_per_client', 'epsilon', 'epsilon_per_client',
+              'delta', 'clip_norm', 'noise_multiplier', 'examples_per_second', 'wall_seconds'):
+    assert key in rows[-1], key
+  assert len(rows[-1]['dice_per_client']) == 4
+  saved = json.load(open(os.path.join(tmp_path, 'summary.json')))
+  for key in ('dice', 'epsilon', 'delta', 'rounds', 'wall_seconds', 'stopped_reason'):
+    assert key in saved
+  assert saved['rounds'] == 2 and 0.0 <= saved['dice'] <= 1.0
+  assert 0 < saved['epsilon'] <= cfg.privacy.target_epsilon * (1 + 1e-9)
+  assert json.load(open(os.path.join(tmp_path, 'config.json')))['seed'] == 0
+  assert summary['stopped_reason'] == 'completed'
+
+
+def test_budget_stop_never_exceeds_target(phantom_data, tmp_path):
+  # A fixed σ far too small for 6 rounds: the run must stop early, below the target.
+  cfg = tiny_config(**{'privacy.calibrate': False, 'privacy.noise_multiplier': 1.0,
+                       'privacy.target_epsilon': 6.0, 'fed.rounds': 6, 'fed.local_steps': 3})
+  trainer = train.Trainer(cfg, str(tmp_path), data=phantom_data)
+  summary = trainer.run()
+  assert summary['stopped_reason'].startswith('budget')
+  assert 1 <= summary['rounds'] < 6
+  assert summary['epsilon'] <= 6.0
+  # One more round would have exceeded it (the stop is not premature).
+  k = int(np.argmax(summary['epsilon_per_client']))
+  ledger = trainer.plan.ledgers[k]
+  extra = [(trainer.plan.spec(k, 1.0), 3)]
+  assert ledger.epsilon_if(extra, cfg.privacy.delta) > 6.0
+
+
+@pytest.mark.parametrize('key,value', [
+    ('privacy.noise_multiplier', -0.5),
+    ('privacy.delta', 1.0),
+    ('privacy.delta', 0.0),
+    ('privacy.batch_size', 0),
+    ('fed.clients_per_round', 5),
+    ('privacy.batch_size', 100),
+    ('privacy.accountant', 'moments'),
+    ('fed.backend', 'gpu'),
+    ('model.depth', 4),
+])
+def test_invalid_values_fail_before_compiling(key, value, phantom_data, tmp_path):
+  with pytest.raises(validation.ConfigError, match=key.split('.')[-1]):
+    train.Trainer(tiny_config(**{key: value}), str(tmp_path), data=phantom_data)
+
+
+def test_sampling_rate_outside_unit_interval_fails():
+  from adpfl_jax.privacy import accounting
+  for q in (0.0, 1.5, -0.1):
+    with pytest.raises(ValueError, match='sampling_rate'):
+      accounting.StepSpec(sampling_rate=q, noise_multiplier=1.0)
+
+
+def test_target_already_exceeded_fails_before_compiling(phantom_data, tmp_path):
+  cfg = tiny_config(**{'privacy.calibrate': False, 'privacy.noise_multiplier': 0.3,
+                       'privacy.target_epsilon': 0.5})
+  with pytest.raises(validation.ConfigError, match='target_epsilon'):
+    train.Trainer(cfg, str(tmp_path), data=phantom_data)
