@@ -74,5 +74,8 @@ def load(data_cfg, seed: int) -> FederatedData:
         heterogeneity=float(data_cfg.get('heterogeneity', 1.0)))
     return from_lists(fed['train_x'], fed['train_y'], fed['test_x'], fed['test_y'],
                       fed['client_names'], num_classes=1, task='skin', spacing=(1.0, 1.0))
+  if name in ('ham10000', 'kits23', 'brats2024'):
+    from adpfl_jax.data import loaders  # pylint: disable=g-import-not-at-top
+    return loaders.load(data_cfg, seed)
   raise ValueError(f'config.data.name={name!r} is not a known dataset; '
-                   "choose one of ('phantom_skin',)")
+                   "choose one of ('phantom_skin', 'ham10000', 'kits23', 'brats2024')")
