@@ -36,14 +36,14 @@ def get_config() -> ml_collections.ConfigDict:
   c.loss.ce_weight = 1.0
 
   c.fed = ml_collections.ConfigDict()
-  c.fed.rounds = 50
+  c.fed.rounds = 60
   c.fed.clients_per_round = 4
-  c.fed.local_steps = 2
+  c.fed.local_steps = 4
   c.fed.backend = 'auto'  # auto | vmap | map | sharded | loop
   c.fed.chunk_size = 1  # map/sharded: clients vmapped inside one chunk
   c.fed.num_devices = 0  # sharded: 0 = all visible devices
-  c.fed.client_lr = 0.5
-  c.fed.client_momentum = 0.0
+  c.fed.client_lr = 0.1
+  c.fed.client_momentum = 0.9
   c.fed.client_lr_schedule = 'constant'
   c.fed.client_lr_schedule_params = ml_collections.ConfigDict(dict(
       rate=0.99, factor=0.5, every=10, start=1.0, end=0.1, rounds=0))
@@ -87,7 +87,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.privacy.percentile.smoothing = 0.5
 
   c.eval = ml_collections.ConfigDict()
-  c.eval.every_rounds = 5
+  c.eval.every_rounds = 10
   c.eval.batch_size = 64
 
   c.log = ml_collections.ConfigDict()
