@@ -82,7 +82,9 @@ class Trainer:
     self.client_cfg = client_lib.ClientConfig(
         loss_fn=loss_fn, private=self.plan.private, mechanism=config.privacy.mechanism,
         momentum=float(config.fed.client_momentum),
-        histogram=self.controller.mode == 'percentile')
+        sparsify=self.controller.sparsity != 'none', aux=self.controller.aux,
+        loss_cap=float(config.privacy.adaptive_noise.loss_cap))
+    self.noise_fn = jax.jit(lambda c, ids: self.controller.client_dp(c, ids)[1])
     self.round = server.build_round(self.client_cfg, self.tx, self.controller, self.backend,
                                     chunk_size=int(config.fed.chunk_size), mesh=self.mesh)
     self.initial_state = server.init_state(params, self.tx, self.controller, config.seed)
@@ -151,7 +153,7 @@ class Trainer:
     with open(metrics_path, 'a') as mf:
       for r in bar:
         inputs, clients = self.round_inputs(r)
-        z_next = self.plan.planned_noise(r, clients)
+        z_next = np.asarray(self.noise_fn(state.controller, jnp.asarray(clients)), np.float64)
         blocked = self.plan.would_exceed(r, clients, z_next)
         if blocked is not None:
           stopped = (f'budget: round {r} would take silo {blocked} past the target '
@@ -198,10 +200,13 @@ class Trainer:
         'wall_seconds': wall,
     }
     if m is not None:
-      row['unclipped_fraction_noisy'] = [float(v) for v in m['unclipped_fraction']]
+      if self.controller.mode == 'quantile':
+        row['unclipped_fraction_noisy'] = [float(v) for v in np.asarray(m['aux'])[:, 0]]
       row['update_norm'] = float(m['update_norm'])
-    if not self.plan.valid_guarantee:
-      row['epsilon_is_valid'] = False
+      row['noise_adapt'] = float(m['noise_adapt'])
+    spent = self.plan.spent_epsilons()
+    if spent is not None:
+      row['epsilon_spent_rdp'] = [float(e) for e in spent]
     mf.write(json.dumps(row) + '\n')
     mf.flush()
     return row

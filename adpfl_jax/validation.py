@@ -30,7 +30,7 @@ def validate(config) -> None:
          'must be a non-negative integer')
   _choice(config, 'privacy.mode', ('dp', 'none'))
   _choice(config, 'privacy.mechanism', ('gaussian', 'laplace'))
-  _choice(config, 'privacy.clip_mode', ('fixed', 'quantile', 'percentile', 'naive_percentile'))
+  _choice(config, 'privacy.clip_mode', ('fixed', 'quantile', 'percentile'))
   _choice(config, 'privacy.accountant', ('rdp', 'pld'))
   _choice(config, 'privacy.noise_schedule', ('constant', 'exponential', 'step', 'linear', 'cosine'))
   _choice(config, 'privacy.unit', ('example', 'patient', 'lesion'))
@@ -65,6 +65,20 @@ def validate(config) -> None:
            "Poisson-subsampled Laplace is only supported by the 'pld' accountant")
     _check(p.clip_mode == 'fixed', 'privacy.clip_mode', p.clip_mode,
            "the Laplace mechanism supports clip_mode='fixed' only")
+  an = p.adaptive_noise
+  if p.mode == 'dp' and an.enabled:
+    _check(p.accountant == 'rdp', 'privacy.accountant', p.accountant,
+           "adaptive_noise runs under a Rényi filter: use accountant='rdp' (there is no PLD filter)")
+    _check(p.mechanism == 'gaussian', 'privacy.mechanism', p.mechanism,
+           'adaptive_noise supports the gaussian mechanism only')
+  _check(0 < an.factor < 1, 'privacy.adaptive_noise.factor', an.factor, 'must be in (0, 1)')
+  _check(0 < an.min_factor <= 1, 'privacy.adaptive_noise.min_factor', an.min_factor,
+         'must be in (0, 1]')
+  _check(an.patience >= 1, 'privacy.adaptive_noise.patience', an.patience, 'must be >= 1')
+  _check(an.loss_cap > 0, 'privacy.adaptive_noise.loss_cap', an.loss_cap, 'must be > 0')
+  _choice(config, 'privacy.sparsity.mode', ('none', 'random', 'topk_prev'))
+  _check(0 < p.sparsity.fraction <= 1, 'privacy.sparsity.fraction', p.sparsity.fraction,
+         'must be in (0, 1]')
   _check(f.rounds >= 1, 'fed.rounds', f.rounds, 'must be >= 1')
   _check(f.local_steps >= 1, 'fed.local_steps', f.local_steps, 'must be >= 1')
   _check(f.clients_per_round >= 1, 'fed.clients_per_round', f.clients_per_round, 'must be >= 1')

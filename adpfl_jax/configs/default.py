@@ -86,6 +86,20 @@ def get_config() -> ml_collections.ConfigDict:
   c.privacy.percentile.count_std_fraction = 0.05
   c.privacy.percentile.smoothing = 0.5
 
+  # Data-driven noise (lower σ when the privatized loss plateaus), under an RDP filter.
+  c.privacy.adaptive_noise = ml_collections.ConfigDict()
+  c.privacy.adaptive_noise.enabled = False
+  c.privacy.adaptive_noise.factor = 0.8  # σ ← factor·σ on a plateau
+  c.privacy.adaptive_noise.min_factor = 0.5  # never below min_factor × the planned σ
+  c.privacy.adaptive_noise.patience = 3  # rounds without improvement
+  c.privacy.adaptive_noise.threshold = 0.01  # relative improvement that counts
+  c.privacy.adaptive_noise.count_std_fraction = 0.05
+  c.privacy.adaptive_noise.loss_cap = 2.0  # per-example loss clipped to [0, loss_cap]
+
+  c.privacy.sparsity = ml_collections.ConfigDict()
+  c.privacy.sparsity.mode = 'none'  # none | random (public randomness) | topk_prev (last global update)
+  c.privacy.sparsity.fraction = 0.5  # fraction of coordinates kept
+
   c.eval = ml_collections.ConfigDict()
   c.eval.every_rounds = 10
   c.eval.batch_size = 64

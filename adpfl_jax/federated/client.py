@@ -28,24 +28,36 @@ class ClientDP(NamedTuple):
   """Per-client privacy parameters of one round (arrays; a leading client axis when stacked)."""
 
   clip: jax.Array  # clip norm C (L2 for Gaussian, L1 for Laplace)
-  noise_grad: jax.Array  # noise multiplier applied to the gradient sum (z_Δ; total z if no count)
-  count_std: jax.Array  # σ_b of the unclipped-count query (0 ⇒ no count query noise)
-  grid: jax.Array  # clip grid for the private percentile histogram (may be empty-sized)
-  grid_std: jax.Array  # noise std of each histogram count
+  noise_grad: jax.Array  # noise multiplier applied to the gradient sum (z_Δ; total z if no aux)
+  aux_std: jax.Array  # noise std of each auxiliary count (0 ⇒ none)
+  grid: jax.Array  # (G,) clip grid for the private percentile histogram
   expected_batch: jax.Array  # q·n, public
   lr: jax.Array  # client learning rate
   sparsity_mask: jax.Array  # flat 0/1 mask over parameters (public randomness or public info)
 
 
 class ClientConfig(NamedTuple):
-  """Static (compile-time) choices for the client update."""
+  """Static (compile-time) choices for the client update.
+
+  ``aux`` names the auxiliary DP counts released with every step, on the same sample as the
+  gradient: 'unclipped' (1[‖g_i‖ ≤ C], adaptive clipping), 'cdf' (1[‖g_i‖ ≤ c_j] for every grid
+  value c_j, private percentile) and 'loss' (min(ℓ_i, loss_cap) / loss_cap, the data-driven noise
+  schedule). Each per-example value lies in [0, 1]; the centred sum Σ(v_i − ½) has L2 sensitivity
+  √Q/2 for Q values, and gets Gaussian noise of std ``aux_std`` per coordinate. Its multiplier
+  2·aux_std/√Q is folded into the total z by the controller.
+  """
 
   loss_fn: Callable[..., jax.Array]  # loss_fn(params, x, y) for ONE example
   private: bool = True
   mechanism: str = 'gaussian'
   momentum: float = 0.0
   sparsify: bool = False
-  histogram: bool = False  # private percentile estimation over ``grid``
+  aux: tuple = ()
+  loss_cap: float = 2.0
+
+
+def aux_size(cfg: 'ClientConfig', grid_size: int) -> int:
+  return sum(grid_size if a == 'cdf' else 1 for a in cfg.aux)
 
 
 def client_update(cfg: ClientConfig, params: PyTree, xb: jax.Array, yb: jax.Array,
@@ -74,51 +86,65 @@ def client_update(cfg: ClientConfig, params: PyTree, xb: jax.Array, yb: jax.Arra
   def step(carry, inputs):
     p, opt_state = carry
     x, y, m, k = inputs
-    k_noise, k_count, k_hist = jax.random.split(k, 3)
+    k_noise, k_count = jax.random.split(k)
     losses, grads = clipping.per_example_grads(cfg.loss_fn, p, x, y)
     summed, stats = clipping.clip_and_sum(grads, m, dp.clip, norm)
     flat, _ = ravel_pytree(summed)
     realised = jnp.sum(stats.valid)
+    if cfg.sparsify:
+      # A public mask (public randomness, or already-released information), applied to the
+      # clipped sum: masking cannot increase its norm, so the sensitivity stays C.
+      flat = flat * dp.sparsity_mask
     if cfg.private:
-      if cfg.sparsify:
-        flat = flat * dp.sparsity_mask
       noise = noise_lib.sample_noise(k_noise, flat.shape, noise_scale, cfg.mechanism)
       if cfg.sparsify:
         noise = noise * dp.sparsity_mask
       flat = (flat + noise) / dp.expected_batch
-      count = jnp.sum(stats.unclipped - 0.5 * stats.valid)
-      count = count + dp.count_std * jax.random.normal(k_count, (), jnp.float32)
-      unclipped_frac = jnp.clip(0.5 + count / dp.expected_batch, 0.0, 1.0)
     else:
       flat = flat / jnp.maximum(realised, 1.0)
-      unclipped_frac = jnp.sum(stats.unclipped) / jnp.maximum(realised, 1.0)
-    if cfg.histogram:
-      # Noisy CDF of per-example norms on the grid: counts of norms ≤ c_j, centred (−½ each), so
-      # one example moves the vector by at most √G/2 in L2. Charged via the total z (see
-      # privacy/controller.py).
-      below = (stats.norms[:, None] <= dp.grid[None, :]).astype(jnp.float32) - 0.5
-      hist = jnp.sum(below * stats.valid[:, None], 0)
-      hist = hist + dp.grid_std * jax.random.normal(k_hist, hist.shape, jnp.float32)
-      cdf = jnp.clip(0.5 + hist / dp.expected_batch, 0.0, 1.0)
-    else:
-      cdf = jnp.zeros_like(dp.grid)
+    aux = _aux_release(cfg, dp, stats, losses, k_count, realised)
     g = unravel(flat)
     updates, opt_state = tx.update(g, opt_state, p)
     p = jax.tree_util.tree_map(lambda a, u: a - dp.lr * u, p, updates)
     loss = jnp.sum(jnp.where(stats.valid > 0, losses, 0.0)) / jnp.maximum(realised, 1.0)
-    return (p, opt_state), (unclipped_frac, cdf, loss, realised)
+    return (p, opt_state), (aux, loss, realised)
 
   keys = jax.random.split(key, steps)
-  (p_final, _), (fracs, cdfs, losses, realised) = jax.lax.scan(
+  (p_final, _), (auxs, losses, realised) = jax.lax.scan(
       step, (params, tx.init(params)), (xb, yb, mask, keys))
   flat_final, _ = ravel_pytree(p_final)
   delta = unravel(flat_final - flat0)
   report = {
       # Privatized (noised) statistics: may steer the controller.
-      'unclipped_fraction': jnp.mean(fracs),
-      'norm_cdf': jnp.mean(cdfs, axis=0),
+      'aux': jnp.mean(auxs, axis=0),
       # Diagnostics: logged only, never fed back into training.
       'train_loss': jnp.mean(losses),
       'examples': jnp.sum(realised),
   }
   return delta, report
+
+
+def _aux_release(cfg: ClientConfig, dp: ClientDP, stats, losses, key, realised):
+  """Noisy means of the auxiliary per-example values (see ``ClientConfig``), clipped to [0, 1].
+
+  With ``private=False`` the exact means over the realised batch are returned instead.
+  """
+  cols = []
+  for name in cfg.aux:
+    if name == 'unclipped':
+      cols.append(stats.unclipped[:, None])
+    elif name == 'cdf':
+      cols.append((stats.norms[:, None] <= dp.grid[None, :]).astype(jnp.float32))
+    elif name == 'loss':
+      safe = jnp.where(jnp.isfinite(losses), losses, cfg.loss_cap)
+      cols.append((jnp.clip(safe, 0.0, cfg.loss_cap) / cfg.loss_cap)[:, None])
+    else:
+      raise ValueError(f'unknown auxiliary query {name!r}')
+  if not cols:
+    return jnp.zeros((1,), jnp.float32)  # a placeholder: zero-size arrays break lax.map
+  values = jnp.concatenate(cols, axis=1) * stats.valid[:, None]
+  if not cfg.private:
+    return jnp.sum(values, 0) / jnp.maximum(realised, 1.0)
+  centred = jnp.sum(values - 0.5 * stats.valid[:, None], 0)
+  noisy = centred + dp.aux_std * jax.random.normal(key, centred.shape, jnp.float32)
+  return jnp.clip(0.5 + noisy / dp.expected_batch, 0.0, 1.0)

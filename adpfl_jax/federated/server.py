@@ -89,7 +89,9 @@ def _finish(state, tx, controller, inputs, deltas, reports, z_total, dp):
   pseudo_grad = jax.tree_util.tree_map(jnp.negative, avg)
   updates, opt_state = tx.update(pseudo_grad, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ctrl = controller.update(state.controller, inputs.client_ids, reports, finite)
+  avg_flat = jnp.tensordot(w, jnp.where(finite[:, None], flat, 0.0), 1)
+  ctrl = controller.update(state.controller, inputs.client_ids, reports, finite, inputs.weights,
+                           avg_flat)
   real = inputs.weights > 0
   metrics = {
       'train_loss': jnp.sum(jnp.where(finite, reports['train_loss'], 0.0) * w),
@@ -99,7 +101,8 @@ def _finish(state, tx, controller, inputs, deltas, reports, z_total, dp):
       'clip_norm': dp.clip,
       'noise_multiplier': z_total,
       'noise_multiplier_grad': dp.noise_grad,
-      'unclipped_fraction': reports['unclipped_fraction'],
+      'aux': reports['aux'],
+      'noise_adapt': ctrl.adapt,
       'examples': reports['examples'],
   }
   new_state = state.replace(round=state.round + 1, params=params, opt_state=opt_state,

@@ -2,10 +2,10 @@
 
 The controller's state holds arrays only (clip per silo, the calibrated noise scale per silo, the
 round, estimator state), so changing them never recompiles the round. The round calls
-``client_dp`` to get each sampled client's parameters and ``update`` with the clients' *privatized*
-reports; the training loop does not know which controller runs.
+``client_dp`` to get each sampled client's parameters and ``update`` with the clients'
+*privatized* reports; the training loop does not know which controller runs.
 
-Modes (``config.privacy.clip_mode``):
+Clip modes (``config.privacy.clip_mode``):
 
 * ``fixed`` — standard DP-FL: C is a constant, σ follows a public schedule. ε is the composition of
   the per-step Poisson-subsampled Gaussian (or Laplace) mechanism.
@@ -17,20 +17,35 @@ Modes (``config.privacy.clip_mode``):
   noised count; noise in a round always uses the C that clipped it.
 * ``percentile`` — the paper's rule (clip at the p-th percentile of per-example norms), privately:
   each step releases a noisy CDF of the norms on a public geometric grid of G thresholds (centred
-  counts, L2 sensitivity √G/2, noise std σ_h), folded into the total z the same way
-  (1/z² = 1/z_Δ² + 1/(2σ_h/√G)²). The next C is the smallest grid value whose noisy CDF reaches p,
-  smoothed geometrically. The histogram's cost is in the ledger because the total z is.
-* ``naive_percentile`` — the paper's rule on raw norms, for reproduction only. The raw percentile
-  has unbounded sensitivity and is published through the noise scale; the reported ε is **not** a
-  valid guarantee and runs are marked so. Implemented on the host from the clients' raw norm
-  quantiles, which the client returns only in this mode.
+  counts, L2 sensitivity √G/2, per-count noise std σ_h), folded into the total z the same way. The
+  next C is the smallest grid value whose noisy CDF reaches p, smoothed geometrically. The
+  histogram's cost is in the ledger because the total z is.
 * ``none`` — NP-FL: no clipping, no noise (C = ∞, z = 0), ε = ∞.
+
+All auxiliary releases (unclipped count, CDF, the clipped training loss of the data-driven
+schedule) are one vector query of Q values in [0, 1] per example, sensitivity √Q/2, per-coordinate
+noise std ``aux_std`` = f·m·√Q, i.e. multiplier 2·f·m (f = ``count_std_fraction``, m the expected
+batch): 1/z² = 1/z_Δ² + 1/(2fm)². ``make`` raises if z ≥ 2fm.
+
+Noise: z_k(t) = scale_k · shape(t) · a(t), with shape a public schedule and scale_k calibrated per
+silo. a(t) = 1 unless ``privacy.adaptive_noise.enabled``: then a(t) is lowered by ``factor``
+whenever the privatized training-loss estimate (the 'loss' query, a noised statistic) has not
+improved for ``patience`` rounds. Because σ then depends on (privatized) data, the run is
+accounted under a Rényi privacy filter (``accounting.RdpFilter``): the budget is fixed in advance
+and the run halts before any step would exceed it.
+
+Sparsification (``privacy.sparsity.mode``): ``random`` keeps k coordinates drawn from public
+randomness (a key derived from the public seed and the round, independent of data); ``topk_prev``
+keeps the k largest coordinates of the previous *global* update, which was already released with
+DP (post-processing). The mask multiplies the clipped sum and the noise, so sensitivity stays C.
+A top-k of the raw private gradient is not offered: its support is data-dependent and would be
+released without noise (privacy.md §6.4).
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import flax
 import jax
@@ -41,146 +56,192 @@ from adpfl_jax.federated.client import ClientDP
 from adpfl_jax.privacy import plan as plan_lib
 from adpfl_jax.privacy import schedules
 
-CLIP_MODES = ('fixed', 'quantile', 'percentile', 'naive_percentile', 'none')
+CLIP_MODES = ('fixed', 'quantile', 'percentile', 'none')
+SPARSITY_MODES = ('none', 'random', 'topk_prev')
+_SPARSITY_SEED = 0x5BA5
 
 
 @flax.struct.dataclass
 class ControllerState:
   clip: jax.Array  # (K,) current clip norm per silo
-  noise_scale: jax.Array  # (K,) calibrated scale s_k; total z_k(t) = s_k · shape(t)
+  noise_scale: jax.Array  # (K,) calibrated scale s_k; total z_k(t) = s_k · shape(t) · adapt
+  adapt: jax.Array  # () data-driven noise factor a(t) (1 unless adaptive noise is on)
+  best_loss: jax.Array  # () best privatized loss estimate so far
+  stall: jax.Array  # () rounds since the estimate last improved
   lr_scale: jax.Array  # () client learning rate at round 0
+  prev_update: jax.Array  # (P,) previous global update (topk_prev sparsity), else (1,)
   round: jax.Array  # () int32
 
 
 class Controller(NamedTuple):
   """A privacy controller: pure functions over ``ControllerState``."""
 
-  init: callable
-  client_dp: callable  # (state, client_ids) -> (ClientDP, z_total (M,))
-  update: callable  # (state, client_ids, reports) -> state
+  init: Callable
+  client_dp: Callable  # (state, client_ids) -> (ClientDP, z_total (M,))
+  update: Callable  # (state, client_ids, reports, valid, weights, global_update) -> state
   mode: str
-  count_std: np.ndarray  # (K,) σ_b per silo (0 when unused)
-  grid: np.ndarray  # (G,) public clip grid for ``percentile``
-  grid_std: np.ndarray  # (K,) σ_h per silo
+  aux: tuple  # auxiliary queries the client releases
+  aux_multiplier: np.ndarray  # (K,) noise multiplier of the auxiliary vector query (inf if none)
+  grid: np.ndarray  # (G,) public clip grid
+  adaptive_noise: bool
+  sparsity: str
 
 
-def _split_multiplier(z_total, other_multiplier):
-  """z_Δ with 1/z² = 1/z_Δ² + 1/o²; requires z < o (checked on the host in ``make``)."""
-  inv = 1.0 / jnp.square(z_total) - 1.0 / jnp.square(other_multiplier)
+def split_multiplier(z_total, aux_multiplier):
+  """z_Δ with 1/z² = 1/z_Δ² + 1/a² (a = ∞: z_Δ = z). Requires z < a (checked in ``make``)."""
+  inv = 1.0 / jnp.square(z_total) - 1.0 / jnp.square(aux_multiplier)
   return jnp.where(z_total > 0, jax.lax.rsqrt(jnp.maximum(inv, 1e-30)), 0.0)
 
 
 def make(privacy_cfg, fed_cfg, sizes: np.ndarray, rates: np.ndarray, noise_scale: np.ndarray,
          param_count: int) -> Controller:
-  """Builds the controller named by ``privacy_cfg.clip_mode``.
+  """Builds the controller for ``config.privacy``.
 
   Args:
     privacy_cfg: ``config.privacy``.
-    fed_cfg: ``config.fed`` (client learning rate and its schedule).
+    fed_cfg: ``config.fed`` (client learning rate and its schedule, rounds).
     sizes: (K,) public client sizes n_k.
     rates: (K,) Poisson sampling rates q_k.
     noise_scale: (K,) calibrated total-noise scale per silo (z_k(t) = scale_k · shape(t)).
     param_count: number of model parameters (for sparsity masks).
   """
-  mode = privacy_cfg.clip_mode if privacy_cfg.mode != 'none' else 'none'
+  private = privacy_cfg.mode != 'none'
+  mode = privacy_cfg.clip_mode if private else 'none'
   if mode not in CLIP_MODES:
     raise ValueError(f'config.privacy.clip_mode={mode!r} is not one of {CLIP_MODES}')
   num_clients = len(sizes)
+  rounds = int(fed_cfg.rounds)
   expected = np.asarray(sizes, np.float64) * np.asarray(rates, np.float64)
-  sched_params = plan_lib.schedule_params(privacy_cfg.noise_schedule,
-                                          dict(privacy_cfg.noise_schedule_params),
-                                          int(fed_cfg.rounds))
-  shape_fn = schedules.jnp_schedule(privacy_cfg.noise_schedule, sched_params)
-  max_shape = float(np.max(schedules.np_schedule(privacy_cfg.noise_schedule, sched_params)(
-      np.arange(max(1, int(fed_cfg.rounds))))))
-  count_std = np.zeros(num_clients)
-  grid = np.ones(1, np.float32)
-  grid_std = np.zeros(num_clients)
+  sched = plan_lib.schedule_params(privacy_cfg.noise_schedule,
+                                   dict(privacy_cfg.noise_schedule_params), rounds)
+  shape_fn = schedules.jnp_schedule(privacy_cfg.noise_schedule, sched)
+  max_shape = float(np.max(schedules.np_schedule(privacy_cfg.noise_schedule, sched)(
+      np.arange(max(1, rounds)))))
+  adaptive = bool(privacy_cfg.adaptive_noise.enabled) and private
+  sparsity = privacy_cfg.sparsity.mode
+  if sparsity not in SPARSITY_MODES:
+    raise ValueError(f'config.privacy.sparsity.mode={sparsity!r} is not one of {SPARSITY_MODES}')
+
+  aux = []
   if mode == 'quantile':
-    count_std = expected * float(privacy_cfg.quantile.count_std_fraction)
-    z_max = np.asarray(noise_scale) * max_shape
-    bad = np.flatnonzero(z_max >= 2 * count_std)
-    if bad.size:
-      k = int(bad[0])
-      raise ValueError(
-          f'config.privacy.quantile: total noise multiplier z={z_max[k]:.3f} of client {k} is '
-          f'>= 2·σ_b = {2 * count_std[k]:.3f} (σ_b = count_std_fraction · expected batch '
-          f'{expected[k]:.1f}); the count query would need negative noise. Raise the expected '
-          'batch (privacy.batch_size), raise quantile.count_std_fraction or lower the noise.')
+    aux.append('unclipped')
   if mode == 'percentile':
-    pc = privacy_cfg.percentile
-    grid = np.geomspace(float(pc.grid_min), float(pc.grid_max), int(pc.grid_size)).astype(np.float32)
-    # Noise multiplier of the histogram = σ_h / (√G/2); chosen as a multiple of z like σ_b.
-    grid_std = expected * float(pc.count_std_fraction) * math.sqrt(len(grid))
+    aux.append('cdf')
+  if adaptive:
+    aux.append('loss')
+  pc = privacy_cfg.percentile
+  grid = (np.geomspace(float(pc.grid_min), float(pc.grid_max), int(pc.grid_size))
+          if mode == 'percentile' else np.ones(1)).astype(np.float32)
+  q_size = sum(len(grid) if a == 'cdf' else 1 for a in aux)
+  frac = float(privacy_cfg.quantile.count_std_fraction if mode == 'quantile'
+               else pc.count_std_fraction if mode == 'percentile'
+               else privacy_cfg.adaptive_noise.count_std_fraction)
+  if aux and private:
+    aux_std = expected * frac * math.sqrt(q_size)
+    aux_mult = 2.0 * aux_std / math.sqrt(q_size)
     z_max = np.asarray(noise_scale) * max_shape
-    hist_mult = 2 * grid_std / math.sqrt(len(grid))
-    bad = np.flatnonzero(z_max >= hist_mult)
+    bad = np.flatnonzero(z_max >= aux_mult)
     if bad.size:
       k = int(bad[0])
       raise ValueError(
-          f'config.privacy.percentile: total noise multiplier z={z_max[k]:.3f} of client {k} is '
-          f'>= the histogram multiplier {hist_mult[k]:.3f}; raise privacy.batch_size or '
-          'percentile.count_std_fraction.')
+          f'config.privacy.{"quantile" if mode == "quantile" else "percentile"}'
+          f'.count_std_fraction: the total noise multiplier z={z_max[k]:.3f} of silo {k} is >= '
+          f'the auxiliary query multiplier 2·f·m = {aux_mult[k]:.3f} (expected batch m = '
+          f'{expected[k]:.1f}); the gradient would need negative noise. Raise '
+          'privacy.batch_size or count_std_fraction, or lower the noise.')
+  else:
+    aux_std = np.zeros(num_clients)
+    aux_mult = np.full(num_clients, np.inf)
+
   clip0 = float(privacy_cfg.clip_norm)
-  clip_min = float(privacy_cfg.get('clip_min', 1e-6))
-  clip_max = float(privacy_cfg.get('clip_max', 1e6))
-  lr_kind = fed_cfg.get('client_lr_schedule', 'constant')
+  clip_min, clip_max = float(privacy_cfg.clip_min), float(privacy_cfg.clip_max)
+  lr_kind = fed_cfg.client_lr_schedule
   lr_shape = schedules.jnp_schedule(lr_kind, plan_lib.schedule_params(
-      lr_kind, dict(fed_cfg.get('client_lr_schedule_params', {})), int(fed_cfg.rounds)))
-  count_std_j = jnp.asarray(count_std, jnp.float32)
+      lr_kind, dict(fed_cfg.client_lr_schedule_params), rounds))
+  aux_std_j = jnp.asarray(aux_std, jnp.float32)
+  aux_mult_j = jnp.asarray(aux_mult, jnp.float32)
   grid_j = jnp.asarray(grid)
-  grid_std_j = jnp.asarray(grid_std, jnp.float32)
   expected_j = jnp.asarray(expected, jnp.float32)
-  hist_mult_j = 2 * grid_std_j / math.sqrt(len(grid))
+  keep = max(1, int(round(float(privacy_cfg.sparsity.fraction) * param_count)))
+  an = privacy_cfg.adaptive_noise
+  sparsity_key = jax.random.key(_SPARSITY_SEED)
 
   def init():
     return ControllerState(
         clip=jnp.full((num_clients,), jnp.inf if mode == 'none' else clip0, jnp.float32),
-        noise_scale=jnp.asarray(noise_scale if mode != 'none' else np.zeros(num_clients),
-                                jnp.float32),
+        noise_scale=jnp.asarray(noise_scale if private else np.zeros(num_clients), jnp.float32),
+        adapt=jnp.ones((), jnp.float32),
+        best_loss=jnp.full((), jnp.inf, jnp.float32),
+        stall=jnp.zeros((), jnp.int32),
         lr_scale=jnp.asarray(float(fed_cfg.client_lr), jnp.float32),
+        prev_update=jnp.zeros((param_count if sparsity == 'topk_prev' else 1,), jnp.float32),
         round=jnp.zeros((), jnp.int32))
 
+  def _mask(state):
+    """(P,) public 0/1 mask keeping ``keep`` coordinates."""
+    if sparsity == 'random':
+      scores = jax.random.uniform(jax.random.fold_in(sparsity_key, state.round), (param_count,))
+    else:  # topk_prev; before any update exists, fall back to public randomness
+      noise = jax.random.uniform(jax.random.fold_in(sparsity_key, state.round), (param_count,))
+      have = jnp.any(state.prev_update != 0)
+      scores = jnp.where(have, jnp.abs(state.prev_update), noise)
+    _, idx = jax.lax.top_k(scores, keep)
+    return jnp.zeros((param_count,), jnp.float32).at[idx].set(1.0)
+
+  def total_noise(state, ids):
+    return state.noise_scale[ids] * shape_fn(state.round) * state.adapt
+
   def client_dp(state: ControllerState, ids):
-    z_total = state.noise_scale[ids] * shape_fn(state.round)
-    if mode == 'quantile':
-      z_grad = _split_multiplier(z_total, 2 * count_std_j[ids])
-    elif mode == 'percentile':
-      z_grad = _split_multiplier(z_total, hist_mult_j[ids])
-    else:
-      z_grad = z_total
+    z_total = total_noise(state, ids)
     m = ids.shape[0]
+    if sparsity == 'none':
+      mask = jnp.ones((m,), jnp.float32)
+    else:
+      mask = jnp.broadcast_to(_mask(state), (m, param_count))
     dp = ClientDP(
         clip=state.clip[ids],
-        noise_grad=z_grad,
-        count_std=count_std_j[ids],
+        noise_grad=split_multiplier(z_total, aux_mult_j[ids]),
+        aux_std=aux_std_j[ids],
         grid=jnp.broadcast_to(grid_j, (m,) + grid_j.shape),
-        grid_std=grid_std_j[ids],
         expected_batch=expected_j[ids],
         lr=jnp.broadcast_to(state.lr_scale * lr_shape(state.round), (m,)),
-        sparsity_mask=jnp.ones((m,), jnp.float32))
+        sparsity_mask=mask)
     return dp, z_total
 
-  def update(state: ControllerState, ids, reports, valid):
+  def update(state: ControllerState, ids, reports, valid, weights, global_update):
     """Next state from privatized reports; ``valid`` (M,) marks clients that reported."""
     clip = state.clip
+    a = reports['aux']  # (M, Q) noised means in [0, 1]
+    col = 0
     if mode == 'quantile':
       qc = privacy_cfg.quantile
-      b = reports['unclipped_fraction']
+      b = a[:, col]
+      col += 1
       new = clip[ids] * jnp.exp(-float(qc.lr) * (b - float(qc.target)))
-      new = jnp.clip(new, clip_min, clip_max)
-      clip = clip.at[ids].set(jnp.where(valid, new, clip[ids]))
-    elif mode == 'percentile':
-      pc = privacy_cfg.percentile
-      cdf = reports['norm_cdf']  # (M, G), noised
+      clip = clip.at[ids].set(jnp.where(valid, jnp.clip(new, clip_min, clip_max), clip[ids]))
+    if mode == 'percentile':
+      cdf = a[:, col:col + len(grid)]
+      col += len(grid)
       reached = cdf >= float(pc.percentile) / 100.0
-      first = jnp.argmax(reached, axis=1)
-      target = jnp.where(jnp.any(reached, axis=1), grid_j[first], grid_j[-1])
+      target = jnp.where(jnp.any(reached, axis=1), grid_j[jnp.argmax(reached, axis=1)],
+                         grid_j[-1])
       mom = float(pc.smoothing)
       new = jnp.exp(mom * jnp.log(clip[ids]) + (1 - mom) * jnp.log(target))
-      new = jnp.clip(new, clip_min, clip_max)
-      clip = clip.at[ids].set(jnp.where(valid, new, clip[ids]))
-    return state.replace(clip=clip, round=state.round + 1)
+      clip = clip.at[ids].set(jnp.where(valid, jnp.clip(new, clip_min, clip_max), clip[ids]))
+    adapt, best, stall = state.adapt, state.best_loss, state.stall
+    if adaptive:
+      w = jnp.where(valid, weights, 0.0)
+      est = jnp.sum(w * a[:, col]) / jnp.maximum(jnp.sum(w), 1e-12)
+      improved = est < best * (1.0 - float(an.threshold))
+      stall = jnp.where(improved, 0, stall + 1)
+      best = jnp.minimum(best, est)
+      drop = stall >= int(an.patience)
+      adapt = jnp.where(drop, jnp.maximum(adapt * float(an.factor), float(an.min_factor)), adapt)
+      stall = jnp.where(drop, 0, stall)
+    prev = global_update if sparsity == 'topk_prev' else state.prev_update
+    return state.replace(clip=clip, adapt=adapt, best_loss=best, stall=stall, prev_update=prev,
+                         round=state.round + 1)
 
-  return Controller(init=init, client_dp=client_dp, update=update, mode=mode,
-                    count_std=count_std, grid=grid, grid_std=grid_std)
+  return Controller(init=init, client_dp=client_dp, update=update, mode=mode, aux=tuple(aux),
+                    aux_multiplier=aux_mult, grid=grid, adaptive_noise=adaptive,
+                    sparsity=sparsity)

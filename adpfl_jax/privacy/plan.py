@@ -76,6 +76,8 @@ class PrivacyPlan:
     self._off_plan = False
     self._rounds_recorded = 0
     self._limits = np.full(k, np.inf)
+    self.adaptive = False
+    self.filters = []
 
   # ------------------------------------------------------------------------------------------
   @classmethod
@@ -93,7 +95,11 @@ class PrivacyPlan:
       participation[r, sampling.participating_clients(
           int(config.seed), r, k, int(config.fed.clients_per_round))] = True
     planned_steps = participation.sum(0) * steps
-    if private and p.accountant == 'rdp':
+    adaptive = private and bool(p.adaptive_noise.enabled)
+    if adaptive or (private and p.mechanism == 'laplace'):
+      # The RDP filter and the Laplace events need batches that can never be truncated.
+      max_batch = int(sizes.max())
+    elif private and p.accountant == 'rdp':
       max_batch = max(_rdp_batch_size(int(n), float(q), int(t), p.target_epsilon, p.delta)
                       for n, q, t in zip(sizes, rates, planned_steps))
     else:
@@ -108,6 +114,7 @@ class PrivacyPlan:
                planned_steps=planned_steps)
     plan.participation = participation
     plan.local_steps = steps
+    plan.adaptive = adaptive
     if not private:
       return plan
     if not p.calibrate:
@@ -118,6 +125,11 @@ class PrivacyPlan:
     plan.noise_scale = np.array([np.nextafter(np.float32(s), np.float32(np.inf))
                                  for s in plan.noise_scale], np.float64)
     plan._limits = plan._round_limits()
+    if adaptive:
+      # σ will depend on privatized data: a Rényi filter per silo, its budget fixed now.
+      plan.filters = [accounting.RdpFilter.for_plan(
+          plan.target_epsilon, plan.delta, plan._planned_specs(k, plan.noise_scale[k]))
+                      for k in range(k)]
     return plan
 
   # ------------------------------------------------------------------------------------------
@@ -222,6 +234,10 @@ class PrivacyPlan:
       k = int(k)
       if z <= 0:
         return k
+      if self.adaptive:
+        if not self.filters[k].admit(self.spec(k, float(z)), self.local_steps):
+          return k
+        continue
       if not self._off_plan:
         if round_ >= self._limits[k]:
           return k
@@ -239,6 +255,8 @@ class PrivacyPlan:
       self._last_noise[k] = float(z_used[i])
       if self.private and s > 0:
         self.ledgers[k].record(self.spec(k, float(z_used[i])), s)
+        if self.adaptive:
+          self.filters[k].spend(self.spec(k, float(z_used[i])), s)
     if self.private:
       planned = self.planned_noise(self._rounds_recorded, clients)
       if not np.allclose(planned, np.asarray(z_used, np.float64), rtol=1e-6, atol=0):
@@ -250,12 +268,21 @@ class PrivacyPlan:
   def epsilons(self, final: bool = False) -> np.ndarray:
     if not self.private:
       return np.full(len(self.sizes), np.inf)
+    if self.adaptive:
+      # With data-dependent σ only the filter's pre-set budget is a valid statement.
+      return np.array([f.epsilon_bound() if f.ledger.steps else 0.0 for f in self.filters])
     disc = None if final else _COARSE_PLD
     out = []
     for ledger in self.ledgers:
       runs = tuple(ledger.runs)
       out.append(0.0 if not runs else self._epsilon_of(runs, disc or 1e-4))
     return np.asarray(out)
+
+  def spent_epsilons(self) -> np.ndarray | None:
+    """Adaptive runs: ε converted from the realised RDP spend (informative, ≤ the bound)."""
+    if not self.adaptive:
+      return None
+    return np.array([f.spent_epsilon() for f in self.filters])
 
   def current_noise(self):
     return [float(z) for z in self._last_noise]

@@ -93,8 +93,8 @@ def test_padded_examples_change_nothing(tiny):
 
 def _dp(clip, z, m, lr=0.1):
   return client_lib.ClientDP(
-      clip=jnp.float32(clip), noise_grad=jnp.float32(z), count_std=jnp.float32(0.0),
-      grid=jnp.ones(1), grid_std=jnp.float32(0.0), expected_batch=jnp.float32(m),
+      clip=jnp.float32(clip), noise_grad=jnp.float32(z), aux_std=jnp.float32(0.0),
+      grid=jnp.ones(1), expected_batch=jnp.float32(m),
       lr=jnp.float32(lr), sparsity_mask=jnp.float32(1.0))
 
 

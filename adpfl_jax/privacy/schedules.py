@@ -1,0 +1,219 @@
+"""Public noise schedules: σ_t = s · shape(t), pure functions of the round t.
+
+A schedule is a *shape* (relative multiplier, fixed before training, so ordinary composition
+applies: privacy.md §5.4) times a *scale* s, which ``calibrate_schedule`` fits to an (ε, δ)
+budget. Each shape exists as a NumPy host function (float64) and a ``jax.numpy`` function usable
+inside ``jit`` with the round as an integer array (float32 unless x64 is enabled).
+
+* 'constant' (no params): 1;
+* 'exponential' (rate r > 0): r^t;
+* 'step' (factor f > 0, every k ≥ 1): f^⌊t / k⌋;
+* 'linear' (start a > 0, end b > 0, rounds R ≥ 1): a + (b − a) · min(t, R − 1) / (R − 1), or a
+  if R = 1;
+* 'cosine' (start a, end b, rounds R as for linear):
+  b + (a − b) · (1 + cos(π · min(t, R − 1) / (R − 1))) / 2.
+
+Negative t is treated as 0. Linear and cosine hold ``end`` after round R − 1. ``rounds`` may be
+omitted from ``params`` where the caller knows the horizon (``calibrate_schedule``,
+``planned_runs``); the shape functions require it.
+
+Device vs host: the device computes σ_t in float32, which can be a few ulps below the float64
+host value. Record what the device used (``float(np.float32(...))``), or record the host value
+rounded down with ``accounting.quantize_noise``; never a value above the noise actually added.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import jax.numpy as jnp
+import numpy as np
+
+from adpfl_jax.privacy import accounting
+
+KINDS = ('constant', 'exponential', 'step', 'linear', 'cosine')
+_PARAMS = {
+    'constant': (),
+    'exponential': ('rate',),
+    'step': ('factor', 'every'),
+    'linear': ('start', 'end', 'rounds'),
+    'cosine': ('start', 'end', 'rounds'),
+}
+
+
+def _positive(params: Mapping[str, Any], key: str, kind: str) -> float:
+  value = params[key]
+  try:
+    out = float(value)
+  except (TypeError, ValueError) as err:
+    raise ValueError(f'schedule {kind!r}: param {key}={value!r} must be a number') from err
+  if not (math.isfinite(out) and out > 0):
+    raise ValueError(f'schedule {kind!r}: param {key}={value!r} must be finite and > 0')
+  return out
+
+
+def _count(params: Mapping[str, Any], key: str, kind: str) -> int:
+  value = params[key]
+  try:
+    out = float(value)
+  except (TypeError, ValueError) as err:
+    raise ValueError(f'schedule {kind!r}: param {key}={value!r} must be an integer') from err
+  if not out.is_integer() or out < 1:
+    raise ValueError(f'schedule {kind!r}: param {key}={value!r} must be an integer >= 1')
+  return int(out)
+
+
+def validate_params(kind: str, params: Optional[Mapping[str, Any]] = None,
+                    rounds: Optional[int] = None) -> dict[str, Any]:
+  """Checks ``params`` for ``kind`` and returns them with canonical types.
+
+  Args:
+    kind: one of ``KINDS``.
+    params: the shape parameters (see the module table).
+    rounds: horizon used for linear/cosine when ``params`` has no 'rounds'.
+
+  Returns:
+    A new dict of floats/ints.
+
+  Raises:
+    ValueError: naming the kind and the bad or missing key.
+  """
+  if kind not in _PARAMS:
+    raise ValueError(f'schedule kind {kind!r} is not one of {KINDS}')
+  params = dict(params or {})
+  if kind in ('linear', 'cosine') and 'rounds' not in params and rounds is not None:
+    params['rounds'] = rounds
+  expected = _PARAMS[kind]
+  unknown = sorted(set(params) - set(expected))
+  if unknown:
+    raise ValueError(f'schedule {kind!r}: unknown params {unknown}; expected {list(expected)}')
+  missing = [k for k in expected if k not in params]
+  if missing:
+    raise ValueError(f'schedule {kind!r}: missing params {missing}; expected {list(expected)}')
+  out: dict[str, Any] = {}
+  for key in expected:
+    out[key] = (_count(params, key, kind) if key in ('every', 'rounds')
+                else _positive(params, key, kind))
+  return out
+
+
+def _shape(kind: str, params: Mapping[str, Any], t: Any, xp: Any, dtype: Any) -> Any:
+  t = xp.maximum(xp.asarray(t), 0)
+  if kind == 'constant':
+    return xp.ones(xp.shape(t), dtype)
+  if kind == 'exponential':
+    return xp.power(xp.asarray(params['rate'], dtype), t.astype(dtype))
+  if kind == 'step':
+    return xp.power(xp.asarray(params['factor'], dtype),
+                    xp.floor_divide(t, params['every']).astype(dtype))
+  start, end, rounds = params['start'], params['end'], params['rounds']
+  if rounds == 1:
+    return xp.full(xp.shape(t), start, dtype)
+  frac = xp.minimum(t, rounds - 1).astype(dtype) / (rounds - 1)
+  if kind == 'linear':
+    return start + (end - start) * frac
+  return end + (start - end) * (1 + xp.cos(math.pi * frac)) / 2
+
+
+def shape(kind: str, params: Optional[Mapping[str, Any]], t: Any) -> np.ndarray:
+  """Relative multiplier shape(t) on the host (float64), for an int or int array ``t``."""
+  p = validate_params(kind, params)
+  return _shape(kind, p, np.asarray(t, np.int64), np, np.float64)
+
+
+def np_schedule(kind: str, params: Optional[Mapping[str, Any]] = None,
+                scale: float = 1.0) -> Callable[[Any], np.ndarray]:
+  """Host schedule ``t -> scale · shape(t)`` (NumPy float64)."""
+  p = validate_params(kind, params)
+  s = accounting.check_noise_multiplier(scale, 'scale')
+
+  def fn(t: Any) -> np.ndarray:
+    return s * _shape(kind, p, np.asarray(t, np.int64), np, np.float64)
+
+  return fn
+
+
+def jnp_schedule(kind: str, params: Optional[Mapping[str, Any]] = None,
+                 scale: Union[float, Any] = 1.0) -> Callable[[Any], Any]:
+  """Device schedule ``t -> scale · shape(t)`` in ``jax.numpy`` (jit-safe; t an int array).
+
+  ``scale`` may be a Python float or a traced array (e.g. the per-silo scale in the controller
+  state), so changing it never retraces.
+  """
+  p = validate_params(kind, params)
+  dtype = jnp.result_type(float)
+
+  def fn(t: Any) -> Any:
+    return scale * _shape(kind, p, jnp.asarray(t).astype(jnp.int32), jnp, dtype)
+
+  return fn
+
+
+def noise_multipliers(kind: str, params: Optional[Mapping[str, Any]], scale: float,
+                      rounds: int) -> np.ndarray:
+  """σ_t = scale · shape(t) for t = 0 .. rounds − 1 (host, float64)."""
+  rounds = _count({'rounds': rounds}, 'rounds', kind)
+  return np_schedule(kind, validate_params(kind, params, rounds), scale)(np.arange(rounds))
+
+
+def planned_runs(kind: str, params: Optional[Mapping[str, Any]], scale: float,
+                 sampling_rate: float, steps_per_round: int, rounds: int,
+                 mechanism: str = 'gaussian', truncated_batch_size: Optional[int] = None,
+                 dataset_size: Optional[int] = None,
+                 noise_grid: Optional[Union[float, Sequence[float]]] = None
+                 ) -> list[accounting.Run]:
+  """The ledger runs of the planned run (σ rounded down onto ``noise_grid`` if given)."""
+  steps_per_round = _count({'steps_per_round': steps_per_round}, 'steps_per_round', kind)
+  sig = noise_multipliers(kind, params, scale, rounds)
+  return accounting.plan_runs(sampling_rate, [(float(z), steps_per_round) for z in sig],
+                              mechanism, truncated_batch_size, dataset_size, noise_grid)
+
+
+def calibrate_schedule(kind: str, params: Optional[Mapping[str, Any]], target_epsilon: float,
+                       delta: float, sampling_rate: float, steps_per_round: int, rounds: int,
+                       accountant: str = 'rdp', mechanism: str = 'gaussian', *,
+                       truncated_batch_size: Optional[int] = None,
+                       dataset_size: Optional[int] = None,
+                       noise_grid: Union[str, None, float, Sequence[float]] = 'auto',
+                       pld_discretization: float = accounting.DEFAULT_PLD_DISCRETIZATION) -> float:
+  """Scale s such that the planned run σ_t = s · shape(t) has ε ≤ target (and close to it).
+
+  Uses ``accounting.calibrate_noise_multiplier`` (``dp_accounting.calibrate_dp_mechanism`` over
+  the ledger fast path), so ε never exceeds the target. With the default ``noise_grid='auto'``
+  the planned σ_t are rounded DOWN onto a fixed geometric grid (relative resolution 1e-3 for RDP,
+  1e-2 for PLD; exact for 'constant') so that successive search steps reuse cached RDP vectors /
+  PLDs and equal σ merge into runs; the ledger of the real run (exact σ_t, or the same rounded
+  values) then has ε ≤ the planned ε ≤ target. Reproduce the plan with
+  ``planned_runs(..., noise_grid=accounting.default_noise_grid(accountant, distinct))`` or pass an
+  explicit ``noise_grid``. PLD cost grows with the number of distinct grid values (one PLD and one
+  convolution each per search step); prefer RDP or a coarse ``pld_discretization`` for long
+  heterogeneous schedules.
+
+  Args:
+    kind: schedule kind.
+    params: shape params (linear/cosine default ``rounds`` to ``rounds``).
+    target_epsilon: ε budget.
+    delta: δ.
+    sampling_rate: Poisson q.
+    steps_per_round: local steps per round (all with that round's σ).
+    rounds: number of rounds.
+    accountant: 'rdp' or 'pld'.
+    mechanism: 'gaussian' or 'laplace'.
+    truncated_batch_size: see ``accounting.StepSpec``.
+    dataset_size: see ``accounting.StepSpec``.
+    noise_grid: 'auto', None (exact σ_t) or a grid for ``accounting.quantize_noise``.
+    pld_discretization: PLD discretisation interval.
+
+  Returns:
+    The scale s.
+  """
+  rounds = _count({'rounds': rounds}, 'rounds', kind)
+  steps_per_round = _count({'steps_per_round': steps_per_round}, 'steps_per_round', kind)
+  p = validate_params(kind, params, rounds)
+  per_round = _shape(kind, p, np.arange(rounds), np, np.float64)
+  per_step = np.repeat(per_round, steps_per_round)
+  return accounting.calibrate_noise_multiplier(
+      target_epsilon, delta, sampling_rate, rounds * steps_per_round, accountant, mechanism,
+      schedule=per_step, truncated_batch_size=truncated_batch_size, dataset_size=dataset_size,
+      pld_discretization=pld_discretization, noise_grid=noise_grid)

@@ -1,0 +1,77 @@
+"""Tests for `adpfl account` (adpfl_jax.account_cli); dp-accounting is the oracle."""
+
+import json
+import subprocess
+import sys
+
+import dp_accounting as dpa
+import pytest
+
+from adpfl_jax import account_cli
+
+BASE = ['--sampling-rate', '0.01', '--steps', '1000', '--delta', '1e-5']
+
+
+def _event(q, z, steps):
+  return dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(z)), steps)
+
+
+def _run_json(capsys, argv):
+  assert account_cli.main(argv + ['--json']) == 0
+  return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.parametrize('accountant', ['rdp', 'pld'])
+def test_json_epsilon_matches_dp_accounting(capsys, accountant):
+  out = _run_json(capsys, ['--noise-multiplier', '1.1', *BASE, '--accountant', accountant,
+                           '--pld-discretization', '1e-3'])
+  if accountant == 'rdp':
+    oracle = dpa.rdp.RdpAccountant()
+  else:
+    oracle = dpa.pld.PLDAccountant(value_discretization_interval=1e-3)
+  expected = oracle.compose(_event(0.01, 1.1, 1000)).get_epsilon(1e-5)
+  assert out['epsilon'] == pytest.approx(expected, abs=1e-6)
+  assert out['noise_multiplier'] == 1.1
+  assert out['accountant'] == accountant
+  assert out['delta'] == 1e-5 and out['steps'] == 1000 and out['sampling_rate'] == 0.01
+
+
+def test_target_epsilon_mode_returns_sigma_within_budget(capsys):
+  out = _run_json(capsys, ['--target-epsilon', '2.0', *BASE])
+  sigma = out['noise_multiplier']
+  eps = dpa.rdp.RdpAccountant().compose(_event(0.01, sigma, 1000)).get_epsilon(1e-5)
+  assert 0.99 * 2.0 <= eps <= 2.0
+  assert out['epsilon'] == pytest.approx(eps, abs=1e-9)
+  assert out['target_epsilon'] == 2.0
+
+
+def test_schedule_mode_matches_composed_event(capsys):
+  out = _run_json(capsys, ['--noise-multiplier', '2.0', '--sampling-rate', '0.02', '--steps',
+                           '12', '--delta', '1e-5', '--schedule', 'step', '--schedule-param',
+                           'factor=0.5', 'every=2', '--steps-per-round', '3'])
+  event = dpa.ComposedDpEvent([_event(0.02, 2.0, 6), _event(0.02, 1.0, 6)])
+  assert out['epsilon'] == pytest.approx(
+      dpa.rdp.RdpAccountant().compose(event).get_epsilon(1e-5), abs=1e-9)
+  assert out['min_noise_multiplier'] == 1.0 and out['max_noise_multiplier'] == 2.0
+
+
+def test_readable_output_and_errors(capsys):
+  assert account_cli.main(['--noise-multiplier', '1.1', *BASE]) == 0
+  line = capsys.readouterr().out
+  assert 'ε =' in line and 'rdp' in line and '1000 steps' in line
+  assert account_cli.main(['--noise-multiplier', '1.1', '--sampling-rate', '1.5', '--steps', '10',
+                           '--delta', '1e-5']) == 2
+  assert 'sampling_rate' in capsys.readouterr().err
+  assert account_cli.main(['--noise-multiplier', '1.0', *BASE, '--mechanism', 'laplace']) == 2
+  assert 'pld' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    account_cli.main(BASE)  # neither --noise-multiplier nor --target-epsilon
+
+
+def test_python_dash_m_entry_point():
+  proc = subprocess.run(
+      [sys.executable, '-m', 'adpfl_jax.account_cli', '--noise-multiplier', '3.0',
+       '--sampling-rate', '0.1', '--steps', '512', '--delta', '1e-6', '--json'],
+      capture_output=True, text=True, check=True, timeout=120)
+  out = json.loads(proc.stdout)
+  assert out['epsilon'] == pytest.approx(4.051, abs=1e-3)  # RDP reference, privacy.md §2.7
