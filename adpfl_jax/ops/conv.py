@@ -18,6 +18,12 @@ a scanned federated round therefore pays 8-10x for its backward pass.
   as a kernel (also batch/feature swapped); forward ``window_strides`` become ``rhs_dilation`` and
   forward ``rhs_dilation`` becomes ``window_strides``.
 
+Convolutions whose windows do not overlap (1x1 kernels, stride == kernel size, and transposed
+convs with kernel size == stride, e.g. the 2x2 stride-2 up-sampling of a U-Net) skip the
+convolution altogether: they are computed as a reshape plus one ``dot_general`` (plain autodiff),
+which is fast in loops too and avoids the ``stride**ndim`` multiplications by inserted zeros that an
+``lhs_dilation`` conv performs.
+
 Negative paddings that these formulas produce (when the forward conv dropped trailing input rows
 because of the output-size floor, or when the forward padding exceeds the kernel extent) are turned
 into crops of the operand, so every emitted convolution has non-negative padding.
