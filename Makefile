@@ -34,5 +34,8 @@ lint: install
 bench: install
 	$(BIN)/python benchmarks/round_throughput.py
 
+compare: install
+	$(BIN)/python experiments/compare.py --out runs/compare --seeds $(SEEDS) $(if $(SMOKE),--smoke,)
+
 clean:
 	rm -rf runs .pytest_cache

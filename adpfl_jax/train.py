@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
+import threading
 import time
 
 import jax
@@ -17,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from adpfl_jax import checkpointing
 from adpfl_jax import losses
 from adpfl_jax import models
 from adpfl_jax import validation
@@ -46,6 +49,7 @@ class Trainer:
 
   def __init__(self, config, workdir: str, data: fed_data.FederatedData | None = None):
     validation.validate(config)
+    self._nonfinite = set()
     self.config = config
     self.workdir = workdir
     self.data = data if data is not None else fed_data.load(config.data, config.seed)
@@ -92,29 +96,39 @@ class Trainer:
                                              int(config.eval.batch_size))
 
   # --------------------------------------------------------------------------------------------
-  def round_inputs(self, round_: int) -> tuple[server.RoundInputs, np.ndarray]:
-    """Host sampling plan of one round: a pure function of (seed, round)."""
+  def round_inputs(self, round_: int):
+    """Host plan of one round — clients, Poisson batches, injected faults — from (seed, round).
+
+    Returns (RoundInputs, participating client ids, local steps each of them ran).
+    """
     cfg = self.config
     clients = sampling.participating_clients(cfg.seed, round_, self.data.num_clients,
                                              int(cfg.fed.clients_per_round))
+    steps = int(cfg.fed.local_steps)
     idx, mask, _ = sampling.round_plan(cfg.seed, round_, clients, self.data.sizes,
-                                       self.plan.rates, int(cfg.fed.local_steps),
-                                       self.plan.max_batch)
-    weights = self.data.sizes[clients].astype(np.float32)
-    ids, idx, mask, weights = self._pad_clients(clients, idx, mask, weights)
-    return server.RoundInputs(client_ids=jnp.asarray(ids), indices=jnp.asarray(idx),
-                              mask=jnp.asarray(mask), weights=jnp.asarray(weights)), clients
+                                       self.plan.rates, steps, self.plan.max_batch)
+    fc = cfg.faults
+    faults = sampling.fault_plan(
+        cfg.seed, round_, clients, steps, dropout=float(fc.dropout),
+        straggler_fraction=float(fc.straggler_fraction),
+        straggler_min_steps=int(fc.straggler_min_steps), nan_clients=_int_list(fc.nan_clients))
+    weights = np.where(faults.dropped, 0.0, self.data.sizes[clients]).astype(np.float32)
+    arrays = self._pad_clients(clients, idx, mask, weights, faults.active, faults.poison)
+    ids, idx, mask, weights, active, poison = arrays
+    inputs = server.RoundInputs(client_ids=jnp.asarray(ids), indices=jnp.asarray(idx),
+                                mask=jnp.asarray(mask), weights=jnp.asarray(weights),
+                                active=jnp.asarray(active), poison=jnp.asarray(poison))
+    return inputs, clients, faults.active.sum(1).astype(np.int64)
 
-  def _pad_clients(self, clients, idx, mask, weights):
+  def _pad_clients(self, clients, *arrays):
     """Pads the client axis to a multiple of the device count (sharded backend)."""
     if self.mesh is None:
-      return clients, idx, mask, weights
-    d = self.mesh.devices.size
-    extra = (-len(clients)) % d
+      return (clients, *arrays)
+    extra = (-len(clients)) % self.mesh.devices.size
     if not extra:
-      return clients, idx, mask, weights
+      return (clients, *arrays)
     rep = lambda a, v: np.concatenate([a, np.full((extra,) + a.shape[1:], v, a.dtype)])
-    return (rep(clients, clients[0]), rep(idx, 0), rep(mask, 0.0), rep(weights, 0.0))
+    return (rep(clients, clients[0]), *[rep(a, 0) for a in arrays])
 
   def evaluate(self, params):
     """Per-client and pooled test Dice (per region)."""
@@ -133,50 +147,101 @@ class Trainer:
     }
 
   # --------------------------------------------------------------------------------------------
+  def _resume(self, ckpt, metrics_path):
+    """Restores the newest readable checkpoint, or starts fresh. Returns (state, host)."""
+    cfg = self.config
+    cfg_path = os.path.join(self.workdir, 'config.json')
+    if ckpt is not None and ckpt.steps():
+      with open(cfg_path) as f:
+        saved = json.load(f)
+      diff = checkpointing.config_differences(saved, checkpointing.config_dict(cfg))
+      if diff and not cfg.checkpoint.force:
+        raise validation.ConfigError(
+            f'config.checkpoint: the workdir {self.workdir} holds a run with a different config; '
+            f'differing keys: {diff}. Use another --workdir, or --config.checkpoint.force=True '
+            'to resume anyway (the result is then not that of either config).')
+      got = ckpt.restore_latest(self.initial_state)
+      if got is not None:
+        step, state, host = got
+        self.plan.load_host_state(host['plan'])
+        _truncate_metrics(metrics_path, step)
+        tqdm.tqdm.write(f'Resumed from round {step} ({ckpt.directory}).')
+        return state, host
+    # Fresh start: nothing of an earlier, checkpoint-less attempt may leak into this run.
+    if os.path.exists(metrics_path):
+      os.remove(metrics_path)
+    with open(cfg_path, 'w') as f:
+      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    return self.initial_state, {'examples': 0, 'wall': 0.0}
+
+  def _host_state(self, examples, wall):
+    return {'plan': self.plan.host_state(), 'examples': examples, 'wall': wall,
+            'config_hash': checkpointing.config_hash(self.config)}
+
   def run(self):
     cfg = self.config
     os.makedirs(self.workdir, exist_ok=True)
-    with open(os.path.join(self.workdir, 'config.json'), 'w') as f:
-      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-    state = self.initial_state
+    every = int(cfg.checkpoint.every_rounds)
+    ckpt = checkpointing.Checkpointer(self.workdir, int(cfg.checkpoint.keep)) if every else None
+    metrics_path = os.path.join(self.workdir, 'metrics.jsonl')
+    state, host = self._resume(ckpt, metrics_path)
+    start = int(state.round)
     data_x = jnp.asarray(self.data.train_x)
     data_y = jnp.asarray(self.data.train_y)
     rounds = int(cfg.fed.rounds)
-    self.plan.print_header(self.data.client_names, rounds)
-    metrics_path = os.path.join(self.workdir, 'metrics.jsonl')
-    t_start = time.time()
-    examples = 0
+    if start == 0:
+      self.plan.print_header(self.data.client_names, rounds)
+    t_start = time.time() - float(host['wall'])
+    examples = int(host['examples'])
     stopped = 'completed'
-    last_eval = None
-    bar = tqdm.tqdm(range(rounds), desc='rounds', disable=not cfg.log.progress, file=sys.stdout,
-                    dynamic_ncols=True)
-    with open(metrics_path, 'a') as mf:
-      for r in bar:
-        inputs, clients = self.round_inputs(r)
-        z_next = np.asarray(self.noise_fn(state.controller, jnp.asarray(clients)), np.float64)
-        blocked = self.plan.would_exceed(r, clients, z_next)
-        if blocked is not None:
-          stopped = (f'budget: round {r} would take silo {blocked} past the target '
-                     f'ε={self.plan.target_epsilon} at δ={self.plan.delta}')
-          tqdm.tqdm.write(f'Stopping before round {r}: {stopped}')
-          break
-        state, m = self.round.step(state, data_x, data_y, inputs)
-        m = jax.device_get(m)
-        real = np.asarray(m['client_real'], bool)
-        self.plan.record_round(clients, np.asarray(m['noise_multiplier'])[real],
-                               int(cfg.fed.local_steps))
-        examples += int(np.sum(m['examples']))
-        if not np.isfinite(m['train_loss']):
-          stopped = f'non-finite training loss at round {r}'
-          tqdm.tqdm.write(stopped)
-          break
-        if (r + 1) % int(cfg.eval.every_rounds) == 0 or r + 1 == rounds:
-          last_eval = self._log(mf, r + 1, state, m, clients, examples, t_start)
-          bar.set_postfix(dice=f"{last_eval['dice']:.3f}", eps=f"{last_eval['epsilon']:.2f}")
+    last_eval = _last_row(metrics_path, start)
+    m = None
+    interrupted = _SignalFlag()
+    self._nonfinite = set()
+    bar = tqdm.tqdm(range(start, rounds), desc='rounds', disable=not cfg.log.progress,
+                    file=sys.stdout, dynamic_ncols=True, initial=start, total=rounds)
+    try:
+      with open(metrics_path, 'a') as mf:
+        for r in bar:
+          inputs, clients, ran = self.round_inputs(r)
+          z_next = np.asarray(self.noise_fn(state.controller, jnp.asarray(inputs.client_ids)),
+                              np.float64)[:len(clients)]
+          blocked = self.plan.would_exceed(r, clients, z_next)
+          if blocked is not None:
+            stopped = (f'budget: round {r} would take silo {blocked} past the target '
+                       f'ε={self.plan.target_epsilon} at δ={self.plan.delta}')
+            tqdm.tqdm.write(f'Stopping before round {r}: {stopped}')
+            break
+          state, m = self.round.step(state, data_x, data_y, inputs)
+          m = jax.device_get(m)
+          self.plan.record_round(clients, np.asarray(m['noise_multiplier'])[:len(clients)],
+                                 int(cfg.fed.local_steps), steps_per_client=ran)
+          examples += int(np.sum(m['examples']))
+          ok = np.asarray(m['client_update_finite'])[:len(clients)]
+          self._nonfinite.update(int(c) for c, good, s in zip(clients, ok, ran)
+                                 if s > 0 and not good)
+          if not np.all(np.isfinite(jax.tree_util.tree_leaves(
+              jax.tree_util.tree_map(lambda a: np.isfinite(np.asarray(a)).all(),
+                                     state.params)))):
+            stopped = f'non-finite global model at round {r}'
+            tqdm.tqdm.write(stopped)
+            break
+          if (r + 1) % int(cfg.eval.every_rounds) == 0 or r + 1 == rounds:
+            last_eval = self._log(mf, r + 1, state, m, clients, examples, t_start)
+            bar.set_postfix(dice=f"{last_eval['dice']:.3f}", eps=f"{last_eval['epsilon']:.2f}")
+          if ckpt is not None and ((r + 1) % every == 0 or r + 1 == rounds or interrupted.set):
+            ckpt.save(r + 1, state, self._host_state(examples, time.time() - t_start))
+          if interrupted.set:
+            stopped = f'interrupted by signal {interrupted.signum} after round {r + 1}'
+            tqdm.tqdm.write(f'{stopped}; checkpoint saved, rerun the same command to resume.')
+            break
+    finally:
+      interrupted.restore()
+      if ckpt is not None:
+        ckpt.close()
     if last_eval is None or last_eval['round'] != int(state.round):
       with open(metrics_path, 'a') as mf:
-        last_eval = self._log(mf, int(state.round), state, m if int(state.round) else None,
-                              None, examples, t_start)
+        last_eval = self._log(mf, int(state.round), state, m, None, examples, t_start)
     summary = self._summary(last_eval, int(state.round), stopped, time.time() - t_start)
     self.final_state = state
     return summary
@@ -200,6 +265,10 @@ class Trainer:
         'wall_seconds': wall,
     }
     if m is not None:
+      # Clients whose update was non-finite since the last evaluation: excluded from the
+      # aggregate, still charged for the steps they ran.
+      row['nonfinite_clients'] = sorted(self._nonfinite)
+      self._nonfinite = set()
       if self.controller.mode == 'quantile':
         row['unclipped_fraction_noisy'] = [float(v) for v in np.asarray(m['aux'])[:, 0]]
       row['update_norm'] = float(m['update_norm'])
@@ -237,6 +306,56 @@ class Trainer:
     with open(os.path.join(self.workdir, 'ledger.json'), 'w') as f:
       json.dump(self.plan.ledgers_json(), f)
     return summary
+
+
+def _int_list(value) -> list[int]:
+  if isinstance(value, str):
+    return [int(v) for v in value.replace(' ', '').split(',') if v]
+  return [int(v) for v in value]
+
+
+def _truncate_metrics(path: str, last_round: int) -> None:
+  """Drops evaluations written after the checkpoint being resumed (they will be redone)."""
+  if not os.path.exists(path):
+    return
+  with open(path) as f:
+    rows = [line for line in f if line.strip()]
+  keep = [line for line in rows if json.loads(line)['round'] <= last_round]
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(keep)
+  os.replace(tmp, path)
+
+
+def _last_row(path: str, round_: int):
+  if round_ == 0 or not os.path.exists(path):
+    return None
+  with open(path) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return rows[-1] if rows and rows[-1]['round'] == round_ else None
+
+
+class _SignalFlag:
+  """SIGINT/SIGTERM set a flag; the loop checkpoints after the current round and stops."""
+
+  def __init__(self):
+    self.set = False
+    self.signum = None
+    self._old = {}
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGINT, signal.SIGTERM):
+        self._old[sig] = signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.set:  # a second signal: stop now
+      raise KeyboardInterrupt
+    self.set = True
+    self.signum = signum
+
+  def restore(self):
+    for sig, handler in self._old.items():
+      signal.signal(sig, handler)
 
 
 def format_summary(summary: dict) -> str:

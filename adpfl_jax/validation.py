@@ -86,6 +86,21 @@ def validate(config) -> None:
   _check(0 <= f.client_momentum < 1, 'fed.client_momentum', f.client_momentum, 'must be in [0, 1)')
   _check(f.server_lr > 0, 'fed.server_lr', f.server_lr, 'must be > 0')
   _check(f.chunk_size >= 1, 'fed.chunk_size', f.chunk_size, 'must be >= 1')
+  _check(config.checkpoint.every_rounds >= 0, 'checkpoint.every_rounds',
+         config.checkpoint.every_rounds, 'must be >= 0 (0 = no checkpoints)')
+  _check(config.checkpoint.keep >= 1, 'checkpoint.keep', config.checkpoint.keep, 'must be >= 1')
+  fl = config.faults
+  _check(0 <= fl.dropout < 1, 'faults.dropout', fl.dropout, 'must be in [0, 1)')
+  _check(0 <= fl.straggler_fraction <= 1, 'faults.straggler_fraction', fl.straggler_fraction,
+         'must be in [0, 1]')
+  _check(1 <= fl.straggler_min_steps <= f.local_steps, 'faults.straggler_min_steps',
+         fl.straggler_min_steps, f'must be in [1, fed.local_steps={f.local_steps}]')
+  try:
+    nan_ids = [int(v) for v in str(fl.nan_clients).replace(' ', '').split(',') if v]
+  except ValueError:
+    nan_ids = None
+  _check(nan_ids is not None, 'faults.nan_clients', fl.nan_clients,
+         'must be comma-separated client ids, e.g. "0,3"')
   _check(config.eval.every_rounds >= 1, 'eval.every_rounds', config.eval.every_rounds,
          'must be >= 1')
   _check(m.features >= 1, 'model.features', m.features, 'must be >= 1')

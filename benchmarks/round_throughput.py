@@ -102,7 +102,7 @@ def main(argv=None):
     cfg.fed.backend = name
     trainer = train.Trainer(cfg, '/tmp/adpfl_bench', data=trainer.data if trainer else None)
     state = trainer.initial_state
-    inputs, _ = trainer.round_inputs(0)
+    inputs, *_ = trainer.round_inputs(0)
     data_x, data_y = jnp.asarray(trainer.data.train_x), jnp.asarray(trainer.data.train_y)
     step = lambda: trainer.round.step(state, data_x, data_y, inputs)[0].params
     first, per_round = time_fn(step, args.rounds)

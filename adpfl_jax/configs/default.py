@@ -104,6 +104,18 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval.every_rounds = 10
   c.eval.batch_size = 64
 
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every_rounds = 10  # 0 = no checkpoints; also saved at the end and on SIGINT/SIGTERM
+  c.checkpoint.keep = 3
+  c.checkpoint.force = False  # resume even if the workdir's config differs
+
+  # Fault injection (simulation): a pure function of (seed, round), like client sampling.
+  c.faults = ml_collections.ConfigDict()
+  c.faults.dropout = 0.0  # fraction of sampled clients that send nothing in a round
+  c.faults.straggler_fraction = 0.0  # fraction that run fewer local steps
+  c.faults.straggler_min_steps = 1
+  c.faults.nan_clients = ''  # comma-separated client ids whose update is non-finite every round
+
   c.log = ml_collections.ConfigDict()
   c.log.progress = True
   return c

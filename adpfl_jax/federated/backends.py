@@ -13,8 +13,8 @@ All backends compute the same function (to float tolerance); they differ in spee
   jitted function.
 * ``auto``: the fastest on this platform according to ``benchmarks/round_throughput.py``.
 
-A backend is ``(per_client_fn, mapped) -> fn(params, xb, yb, mask, dp, keys)`` returning stacked
-per-client ``(deltas, reports)`` with a leading client axis.
+A backend maps ``per_client_fn`` to ``fn(params, xb, yb, mask, dp, keys, active)``, which returns
+stacked per-client ``(deltas, reports)`` with a leading client axis.
 """
 
 from __future__ import annotations
@@ -45,13 +45,13 @@ def resolve(name: str, platform: str | None = None) -> str:
 
 
 def vmap_clients(fn):
-  return jax.vmap(fn, in_axes=(None, 0, 0, 0, 0, 0))
+  return jax.vmap(fn, in_axes=(None, 0, 0, 0, 0, 0, 0))
 
 
 def map_clients(fn, chunk_size: int = 1):
-  def mapped(params, xb, yb, mask, dp, keys):
+  def mapped(params, xb, yb, mask, dp, keys, active):
     body = lambda a: fn(params, *a)
-    return jax.lax.map(body, (xb, yb, mask, dp, keys),
+    return jax.lax.map(body, (xb, yb, mask, dp, keys, active),
                        batch_size=chunk_size if chunk_size > 1 else None)
   return mapped
 
@@ -69,7 +69,7 @@ def sharded_clients(fn, mesh: Mesh, chunk_size: int = 1):
   """Splits the client axis over ``mesh``; each device maps over its own clients."""
   inner = map_clients(fn, chunk_size)
   spec = P('clients')
-  return jax.shard_map(inner, mesh=mesh, in_specs=(P(), spec, spec, spec, spec, spec),
+  return jax.shard_map(inner, mesh=mesh, in_specs=(P(), spec, spec, spec, spec, spec, spec),
                        out_specs=spec, check_vma=False)
 
 
@@ -86,11 +86,11 @@ def build(name: str, fn, *, chunk_size: int = 1, mesh: Mesh | None = None):
 
 def loop_clients(jitted_fn):
   """Host loop: calls a jitted one-client function for each client and stacks the results."""
-  def mapped(params, xb, yb, mask, dp, keys):
+  def mapped(params, xb, yb, mask, dp, keys, active):
     outs = []
     for i in range(xb.shape[0]):
       take = functools.partial(lambda a, i=i: a[i])
       outs.append(jitted_fn(params, xb[i], yb[i], mask[i], jax.tree_util.tree_map(take, dp),
-                            keys[i]))
+                            keys[i], active[i]))
     return jax.tree_util.tree_map(lambda *a: jax.numpy.stack(a), *outs)
   return mapped

@@ -61,7 +61,7 @@ def aux_size(cfg: 'ClientConfig', grid_size: int) -> int:
 
 
 def client_update(cfg: ClientConfig, params: PyTree, xb: jax.Array, yb: jax.Array,
-                  mask: jax.Array, dp: ClientDP, key: jax.Array):
+                  mask: jax.Array, dp: ClientDP, key: jax.Array, active: jax.Array | None = None):
   """Runs the local steps of one client.
 
   Args:
@@ -72,6 +72,8 @@ def client_update(cfg: ClientConfig, params: PyTree, xb: jax.Array, yb: jax.Arra
     mask: (steps, B) 1 for sampled examples, 0 for padding.
     dp: this client's privacy parameters.
     key: this client's PRNG key for this round.
+    active: (steps,) 1 for steps the client runs, 0 for steps it skips (a straggler returning
+      early, or a dropped client): a skipped step changes nothing and releases nothing.
 
   Returns:
     (delta = local params − global params, report dict of privatized statistics + diagnostics).
@@ -84,8 +86,9 @@ def client_update(cfg: ClientConfig, params: PyTree, xb: jax.Array, yb: jax.Arra
   noise_scale = jnp.where(dp.noise_grad > 0, dp.noise_grad * dp.clip, 0.0)
 
   def step(carry, inputs):
+    p_in, opt_in = carry
     p, opt_state = carry
-    x, y, m, k = inputs
+    x, y, m, k, on = inputs
     k_noise, k_count = jax.random.split(k)
     losses, grads = clipping.per_example_grads(cfg.loss_fn, p, x, y)
     summed, stats = clipping.clip_and_sum(grads, m, dp.clip, norm)
@@ -107,18 +110,22 @@ def client_update(cfg: ClientConfig, params: PyTree, xb: jax.Array, yb: jax.Arra
     updates, opt_state = tx.update(g, opt_state, p)
     p = jax.tree_util.tree_map(lambda a, u: a - dp.lr * u, p, updates)
     loss = jnp.sum(jnp.where(stats.valid > 0, losses, 0.0)) / jnp.maximum(realised, 1.0)
-    return (p, opt_state), (aux, loss, realised)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(on > 0, a, b), new, old)
+    return keep((p, opt_state), (p_in, opt_in)), (aux, loss * on, realised * on, on)
 
   keys = jax.random.split(key, steps)
-  (p_final, _), (auxs, losses, realised) = jax.lax.scan(
-      step, (params, tx.init(params)), (xb, yb, mask, keys))
+  if active is None:
+    active = jnp.ones((steps,), jnp.float32)
+  (p_final, _), (auxs, losses, realised, ran) = jax.lax.scan(
+      step, (params, tx.init(params)), (xb, yb, mask, keys, active))
+  n_ran = jnp.maximum(jnp.sum(ran), 1.0)
   flat_final, _ = ravel_pytree(p_final)
   delta = unravel(flat_final - flat0)
   report = {
       # Privatized (noised) statistics: may steer the controller.
-      'aux': jnp.mean(auxs, axis=0),
+      'aux': jnp.sum(auxs * ran[:, None], axis=0) / n_ran,
       # Diagnostics: logged only, never fed back into training.
-      'train_loss': jnp.mean(losses),
+      'train_loss': jnp.sum(losses) / n_ran,
       'examples': jnp.sum(realised),
   }
   return delta, report

@@ -79,3 +79,30 @@ def round_plan(seed: int, round_: int, clients: np.ndarray, sizes: np.ndarray,
            for c in clients]
   return (np.stack([p.indices for p in plans]), np.stack([p.mask for p in plans]),
           sum(p.truncated for p in plans))
+
+
+_FAULTS = 0xFA17
+
+
+class FaultPlan(NamedTuple):
+  """Injected faults of one round (a pure function of (seed, round), like the sampling plan)."""
+
+  active: np.ndarray  # (M, steps) float32: 1 for local steps the client runs
+  poison: np.ndarray  # (M,) float32: 1 for clients that send a non-finite update
+  dropped: np.ndarray  # (M,) bool: clients that dropped out (no update, nothing spent)
+
+
+def fault_plan(seed: int, round_: int, clients: np.ndarray, steps: int, *, dropout: float = 0.0,
+               straggler_fraction: float = 0.0, straggler_min_steps: int = 1,
+               nan_clients=()) -> FaultPlan:
+  """Dropout (no update), stragglers (fewer local steps) and poisoned (NaN) clients."""
+  m = len(clients)
+  rng = np.random.default_rng([seed, round_, _FAULTS])
+  dropped = rng.random(m) < dropout
+  straggle = rng.random(m) < straggler_fraction
+  ran = np.where(straggle, rng.integers(straggler_min_steps, steps + 1, size=m), steps)
+  ran = np.where(dropped, 0, ran)
+  active = (np.arange(steps)[None, :] < ran[:, None]).astype(np.float32)
+  poison = np.isin(clients, np.asarray(list(nan_clients), np.int64)).astype(np.float32)
+  poison = np.where(dropped, 0.0, poison).astype(np.float32)
+  return FaultPlan(active=active, poison=poison, dropped=dropped)

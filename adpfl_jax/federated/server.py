@@ -63,6 +63,8 @@ class RoundInputs(NamedTuple):
   indices: jax.Array  # (M, steps, B) int32 example indices
   mask: jax.Array  # (M, steps, B) float32
   weights: jax.Array  # (M,) float32 aggregation weights (public sizes; 0 for padding clients)
+  active: jax.Array  # (M, steps) float32: 1 for local steps a client runs (fault injection)
+  poison: jax.Array  # (M,) float32: 1 for clients whose update is replaced by NaN (fault test)
 
 
 def _gather(data_x, data_y, inputs: RoundInputs):
@@ -77,8 +79,13 @@ def _client_keys(state: ServerState, client_ids):
 
 def _finish(state, tx, controller, inputs, deltas, reports, z_total, dp):
   """Aggregation, server update and controller update (shared by all backends)."""
+  # Fault injection: a poisoned client sends a non-finite update.
+  deltas = jax.tree_util.tree_map(
+      lambda d: jnp.where(inputs.poison.reshape((-1,) + (1,) * (d.ndim - 1)) > 0, jnp.nan, d),
+      deltas)
   flat = jax.vmap(lambda d: ravel_pytree(d)[0])(deltas)
-  finite = jnp.all(jnp.isfinite(flat), axis=1) & (inputs.weights > 0)
+  update_finite = jnp.all(jnp.isfinite(flat), axis=1)
+  finite = update_finite & (inputs.weights > 0)
   w = jnp.where(finite, inputs.weights, 0.0)
   total = jnp.sum(w)
   w = jnp.where(total > 0, w / jnp.where(total > 0, total, 1.0), 0.0)
@@ -97,6 +104,7 @@ def _finish(state, tx, controller, inputs, deltas, reports, z_total, dp):
       'train_loss': jnp.sum(jnp.where(finite, reports['train_loss'], 0.0) * w),
       'update_norm': optax.global_norm(avg),
       'client_finite': finite,
+      'client_update_finite': update_finite,
       'client_real': real,
       'clip_norm': dp.clip,
       'noise_multiplier': z_total,
@@ -130,7 +138,7 @@ def build_round(cfg: client_lib.ClientConfig, tx, controller: controller_lib.Con
       xb, yb = _gather(data_x, data_y, inputs)
       dp, z_total = controller.client_dp(state.controller, inputs.client_ids)
       keys = _client_keys(state, inputs.client_ids)
-      deltas, reports = mapped(state.params, xb, yb, inputs.mask, dp, keys)
+      deltas, reports = mapped(state.params, xb, yb, inputs.mask, dp, keys, inputs.active)
       return _finish(state, tx, controller, inputs, deltas, reports, z_total, dp)
 
     jitted = jax.jit(round_fn, donate_argnums=(0,) if donate else ())
@@ -152,7 +160,7 @@ def build_round(cfg: client_lib.ClientConfig, tx, controller: controller_lib.Con
 
   def loop_round(state, data_x, data_y, inputs):
     xb, yb, dp, z_total, keys = prepare(state, data_x, data_y, inputs)
-    deltas, reports = mapped(state.params, xb, yb, inputs.mask, dp, keys)
+    deltas, reports = mapped(state.params, xb, yb, inputs.mask, dp, keys, inputs.active)
     return finish(state, inputs, deltas, reports, z_total, dp)
 
   return Round(step=loop_round, backend='loop', jitted=(prepare, client_jit, finish))

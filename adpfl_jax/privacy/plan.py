@@ -16,6 +16,7 @@ discretisation (still a pessimistic upper bound); the final summary uses the fin
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -24,9 +25,31 @@ from adpfl_jax.federated import sampling
 from adpfl_jax.privacy import accounting
 from adpfl_jax.privacy import schedules
 
+class _QuietRdpSeries(logging.Filter):
+  """dp-accounting logs every fractional RDP order it drops (a conservative exclusion) — often
+  hundreds of lines per run at small σ (privacy.md §2.10); keep one line per process instead."""
+
+  seen = False
+
+  def filter(self, record):
+    if '_compute_log_a_frac failed to converge' not in record.getMessage():
+      return True
+    if _QuietRdpSeries.seen:
+      return False
+    _QuietRdpSeries.seen = True
+    record.msg = ('dp-accounting excluded some low fractional RDP orders that did not converge '
+                  '(conservative; further notices suppressed)')
+    record.args = ()
+    return True
+
+
+logging.getLogger('absl').addFilter(_QuietRdpSeries())
+
 _COARSE_PLD = 1e-3
 # Calibrate a hair below the target so float32 rounding of σ on the device cannot cross it.
 _CALIBRATION_MARGIN = 1 - 1e-5
+# Relative resolution of the σ grid that ledgers of non-constant schedules round down onto.
+_QUANT = {'pld': 1e-2, 'rdp': 2e-3, 'none': 1e-2}
 
 
 def _rdp_batch_size(n: int, q: float, steps: int, target_epsilon: float, delta: float) -> int:
@@ -78,6 +101,7 @@ class PrivacyPlan:
     self._limits = np.full(k, np.inf)
     self.adaptive = False
     self.filters = []
+    self.quantize = schedule != 'constant'
 
   # ------------------------------------------------------------------------------------------
   @classmethod
@@ -115,6 +139,7 @@ class PrivacyPlan:
     plan.participation = participation
     plan.local_steps = steps
     plan.adaptive = adaptive
+    plan.quantize = plan.quantize or adaptive
     if not private:
       return plan
     if not p.calibrate:
@@ -137,6 +162,10 @@ class PrivacyPlan:
     """The ledger entry of one local step of silo ``k`` with total noise multiplier ``z``."""
     n = int(self.sizes[k])
     truncated = self.max_batch < n
+    if self.quantize and z > 0:
+      # Many distinct σ (a schedule) would make every ledger query slow; rounding the accounted
+      # σ DOWN onto a fine geometric grid keeps it cheap and only ever over-reports ε.
+      z = accounting.quantize_noise(float(z), _QUANT[self.accountant])
     return accounting.StepSpec(
         sampling_rate=float(self.rates[k]), noise_multiplier=float(z), mechanism=self.mechanism,
         truncated_batch_size=self.max_batch if truncated else None,
@@ -283,6 +312,26 @@ class PrivacyPlan:
     if not self.adaptive:
       return None
     return np.array([f.spent_epsilon() for f in self.filters])
+
+  def host_state(self) -> dict:
+    """Everything a resumed run needs: the full ledgers (not only ε) and the bookkeeping."""
+    return {
+        'ledgers': [l.to_dict() for l in self.ledgers],
+        'filters': [f.ledger.to_dict() for f in self.filters],
+        'last_noise': list(self._last_noise),
+        'off_plan': self._off_plan,
+        'rounds_recorded': self._rounds_recorded,
+    }
+
+  def load_host_state(self, host: dict) -> None:
+    if self.private:
+      self.ledgers = [accounting.Ledger.from_dict(d) for d in host['ledgers']]
+      for f, d in zip(self.filters, host['filters']):
+        for spec, count in accounting.Ledger.from_dict(d).runs:
+          f.spend(spec, count)  # replaying the admitted steps rebuilds the filter exactly
+    self._last_noise = [float(z) for z in host['last_noise']]
+    self._off_plan = bool(host['off_plan'])
+    self._rounds_recorded = int(host['rounds_recorded'])
 
   def current_noise(self):
     return [float(z) for z in self._last_noise]

@@ -49,7 +49,7 @@ def phantom_data():
 
 def _one_round(cfg, data, tmp):
   trainer = train.Trainer(cfg, tmp, data=data)
-  inputs, _ = trainer.round_inputs(0)
+  inputs, *_ = trainer.round_inputs(0)
   state, metrics = trainer.round.step(trainer.initial_state, jnp.asarray(data.train_x),
                                       jnp.asarray(data.train_y), inputs)
   return ravel_pytree(state.params)[0], jax.device_get(metrics)
@@ -81,7 +81,7 @@ def test_round_compiles_once_while_clip_and_noise_change(phantom_data, tmp_path)
   x, y = jnp.asarray(phantom_data.train_x), jnp.asarray(phantom_data.train_y)
   clips, noises = [], []
   for r in range(4):
-    inputs, _ = trainer.round_inputs(r)
+    inputs, *_ = trainer.round_inputs(r)
     state, m = trainer.round.step(state, x, y, inputs)
     clips.append(np.asarray(state.controller.clip).copy())
     noises.append(np.asarray(m['noise_multiplier']).copy())

@@ -138,7 +138,7 @@ def _tiny(**kw):
 @pytest.mark.parametrize('mode', ['quantile', 'percentile'])
 def test_ledger_charges_total_z_including_estimator(mode, tmp_path):
   trainer = train.Trainer(_tiny(**{'privacy.clip_mode': mode}), str(tmp_path))
-  inputs, clients = trainer.round_inputs(0)
+  inputs, clients, _ = trainer.round_inputs(0)
   state, m = trainer.round.step(trainer.initial_state, jnp.asarray(trainer.data.train_x),
                                 jnp.asarray(trainer.data.train_y), inputs)
   z_total = np.asarray(m['noise_multiplier'])

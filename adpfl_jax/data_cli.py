@@ -1,0 +1,167 @@
+"""``adpfl data``: write phantoms in the real on-disk layouts, or prepare TFDS array_record sets.
+
+  adpfl data make-phantoms --task {ham10000,kits23,brats2024} --out DIR --cases N \
+      [--sites S] [--seed 0] [--shape 32,48,48]
+  adpfl data prepare --task {ham10000,kits23,brats2024} --data-dir DIR --out DIR \
+      [--shape 64,128,128] [--target-spacing 3,1.6,1.6] [--image-size 128,128] \
+      [--test-fraction 0.2] [--max-cases N] [--overwrite]
+
+`make-phantoms` writes synthetic cases through the same writers the loaders' phantom cache uses
+(`adpfl_jax.data.loaders.write_phantoms`): HAM10000 (`HAM10000_images_part_{1,2}/`, Tschandl
+masks, metadata CSV with the `dataset` site column), KiTS23 (`dataset/case_XXXXX/`, KiTS affine,
+`anony_sites.csv`) or BraTS 2024 GLI (`training_data1_v2/BraTS-GLI-PPPPP-TTT/...`, several time
+points per patient, metadata sheet with a `Site` column). Train on them with
+`adpfl train --config=experiments/<task>.py:smoke --config.data.dir=DIR`.
+
+`prepare` runs the TFDS builders without TensorFlow: `tfds_ham10000.prepare` (`ham10000_seg`,
+images resized to `--image-size`) or `tfds_3d.prepare` (`kits23_seg` / `brats2024_seg`, each case
+preprocessed to `--shape` at `--target-spacing`), and prints the prepared folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from typing import Sequence
+
+TASKS = ('ham10000', 'kits23', 'brats2024')
+_TFDS_3D = {'kits23': 'kits23_seg', 'brats2024': 'brats2024_seg'}
+
+
+class UsageError(ValueError):
+  """A bad command-line value (reported with exit code 2)."""
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  try:
+    out = tuple(int(v) for v in text.replace('x', ',').split(',') if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a comma-separated list of integers')
+  if not out or min(out) < 1:
+    raise argparse.ArgumentTypeError(f'{text!r} must hold positive integers')
+  return out
+
+
+def _floats(text: str) -> tuple[float, ...]:
+  try:
+    out = tuple(float(v) for v in text.split(',') if v.strip())
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'{text!r} is not a comma-separated list of numbers')
+  if len(out) != 3 or min(out) <= 0:
+    raise argparse.ArgumentTypeError(f'{text!r} must be 3 positive numbers (mm)')
+  return out
+
+
+def build_parser(prog: str = 'adpfl data') -> argparse.ArgumentParser:
+  """The argument parser of ``adpfl data``."""
+  parser = argparse.ArgumentParser(prog=prog, description='Data tools: phantoms and TFDS.')
+  sub = parser.add_subparsers(dest='command', required=True)
+
+  mk = sub.add_parser('make-phantoms', help='write phantom cases in the real on-disk layout')
+  mk.add_argument('--task', choices=TASKS, required=True)
+  mk.add_argument('--out', required=True, help='output folder (created if needed)')
+  mk.add_argument('--cases', type=int, required=True,
+                  help='images (ham10000) or labelled cases / time points (kits23, brats2024)')
+  mk.add_argument('--sites', type=int, default=3, help='acquisition sites (natural clients)')
+  mk.add_argument('--seed', type=int, default=0)
+  mk.add_argument('--shape', type=_ints, default=None,
+                  help='H,W (ham10000) or Z,Y,X (3D); default: the writer default '
+                  '(96,128 / 32,48,48 / 32,48,40)')
+
+  pr = sub.add_parser('prepare', help='prepare a TFDS array_record data set from a release')
+  pr.add_argument('--task', choices=TASKS, required=True)
+  pr.add_argument('--data-dir', required=True, help='the raw release folder (TFDS manual_dir)')
+  pr.add_argument('--out', required=True, help='TFDS data_dir to write into')
+  pr.add_argument('--image-size', type=_ints, default=(128, 128), help='ham10000: H,W')
+  pr.add_argument('--shape', type=_ints, default=None, help='3D: Z,Y,X of every example')
+  pr.add_argument('--target-spacing', type=_floats, default=None, help='3D: Z,Y,X in mm')
+  pr.add_argument('--test-fraction', type=float, default=None,
+                  help='3D: fraction of patients in a test split (default 0: train only)')
+  pr.add_argument('--max-cases', type=int, default=None, help='3D: keep the first N cases')
+  pr.add_argument('--overwrite', action='store_true',
+                  help='replace an existing prepared data set built with other options')
+  return parser
+
+
+def _count_files(root: pathlib.Path) -> int:
+  return sum(1 for p in root.rglob('*') if p.is_file())
+
+
+def _make_phantoms(args) -> int:
+  from adpfl_jax.data import loaders  # pylint: disable=g-import-not-at-top
+  if args.cases < 1:
+    raise UsageError(f'--cases must be >= 1, got {args.cases}')
+  if args.sites < 1:
+    raise UsageError(f'--sites must be >= 1, got {args.sites}')
+  want = 2 if args.task == 'ham10000' else 3
+  if args.shape is not None and len(args.shape) != want:
+    raise UsageError(f'--shape for {args.task} needs {want} integers, '
+                     f'got {",".join(map(str, args.shape))}')
+  out = pathlib.Path(args.out)
+  t = time.time()
+  loaders.write_phantoms(args.task, out, args.cases, args.sites, args.seed, args.shape)
+  what = 'images' if args.task == 'ham10000' else 'cases'
+  print(f'wrote {args.cases} {args.task} phantom {what} from {args.sites} site(s) '
+        f'(seed {args.seed}) in the real layout to {out} ({_count_files(out)} files, '
+        f'{time.time() - t:.1f} s):')
+  for p in sorted(out.iterdir()):
+    n = _count_files(p) if p.is_dir() else 0
+    print(f'  {p.name}{"/" if p.is_dir() else ""}' + (f'  ({n} files)' if p.is_dir() else ''))
+  print(f'train on them: adpfl train --config=experiments/{args.task}.py:smoke '
+        f'--config.data.dir={out} --workdir=WORKDIR')
+  return 0
+
+
+def _prepare(args) -> int:
+  data_dir = pathlib.Path(args.data_dir)
+  if not data_dir.is_dir():
+    raise UsageError(f'--data-dir {data_dir} is not a directory')
+  t = time.time()
+  if args.task == 'ham10000':
+    from adpfl_jax.data import tfds_ham10000  # pylint: disable=g-import-not-at-top
+    size = args.image_size
+    if len(size) == 1:
+      size = size * 2
+    if len(size) != 2:
+      raise UsageError('--image-size needs H,W')
+    path = tfds_ham10000.prepare(data_dir, args.out, image_size=size, overwrite=args.overwrite)
+  else:
+    from adpfl_jax.data import tfds_3d  # pylint: disable=g-import-not-at-top
+    cfg = {}
+    if args.shape is not None:
+      if len(args.shape) != 3:
+        raise UsageError('--shape needs Z,Y,X')
+      cfg['shape'] = args.shape
+    if args.target_spacing is not None:
+      cfg['target_spacing'] = args.target_spacing
+    if args.test_fraction is not None:
+      cfg['test_fraction'] = args.test_fraction
+    if args.max_cases is not None:
+      cfg['max_cases'] = args.max_cases
+    path = tfds_3d.prepare(_TFDS_3D[args.task], data_dir, args.out, overwrite=args.overwrite,
+                           **cfg)
+    print(json.dumps(tfds_3d.prepared_config(path), indent=2))
+  print(f'prepared {args.task} from {data_dir} in {time.time() - t:.1f} s: {path}')
+  return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs ``adpfl data`` with `argv` (without the program name); returns the exit code."""
+  args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+  try:
+    if args.command == 'make-phantoms':
+      return _make_phantoms(args)
+    return _prepare(args)
+  except UsageError as e:
+    print(f'adpfl data {args.command}: {e}', file=sys.stderr)
+    return 2
+  except (ValueError, OSError) as e:  # Readers' errors name the bad file, case or column.
+    print(f'adpfl data {args.command}: {type(e).__name__}: {e}', file=sys.stderr)
+    return 1
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,162 @@
+"""Checkpoints, exact resume (also after SIGKILL), damaged checkpoints, faults."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from adpfl_jax import train
+from adpfl_jax import validation
+from adpfl_jax.configs import default
+from adpfl_jax.privacy import accounting
+
+ROOT = os.path.join(os.path.dirname(__file__), '..', '..')
+TIMING = ('wall_seconds', 'examples_per_second')
+
+
+def tiny(**kw):
+  c = default.get_config()
+  c.data.examples_per_client = 24
+  c.data.test_examples_per_client = 4
+  c.data.image_size = 8
+  c.model.features = 4
+  c.model.depth = 1
+  c.model.groups = 2
+  c.fed.rounds = 4
+  c.fed.local_steps = 2
+  c.privacy.batch_size = 6
+  c.privacy.accountant = 'rdp'
+  c.eval.every_rounds = 1
+  c.checkpoint.every_rounds = 1
+  c.log.progress = False
+  for key, value in kw.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.fixture(scope='module')
+def data():
+  from adpfl_jax.data import federated
+  c = tiny()
+  return federated.load(c.data, c.seed)
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [{k: v for k, v in json.loads(l).items() if k not in TIMING} for l in f]
+
+
+def _params(trainer):
+  return [np.asarray(x) for x in jax.tree_util.tree_leaves(trainer.final_state.params)]
+
+
+@pytest.fixture(scope='module')
+def reference(data, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('ref'))
+  trainer = train.Trainer(tiny(), workdir, data=data)
+  trainer.run()
+  return workdir, trainer
+
+
+def test_resume_after_partial_run_is_exact(data, reference, tmp_path):
+  ref_dir, ref = reference
+  workdir = str(tmp_path)
+  _run_rounds(train.Trainer(tiny(), workdir, data=data), 2)  # a run that died after round 2
+  resumed = train.Trainer(tiny(), workdir, data=data)
+  resumed.run()
+  for a, b in zip(_params(ref), _params(resumed)):
+    np.testing.assert_array_equal(a, b)
+  assert _rows(ref_dir) == _rows(workdir)
+  assert ref.plan.ledgers == resumed.plan.ledgers
+
+
+def _run_rounds(trainer, n):
+  """Runs ``n`` rounds and checkpoints, as a run killed after round n would have."""
+  from adpfl_jax import checkpointing
+  import jax.numpy as jnp
+  state, _ = trainer._resume(None, os.path.join(trainer.workdir, 'metrics.jsonl'))
+  x, y = jnp.asarray(trainer.data.train_x), jnp.asarray(trainer.data.train_y)
+  ckpt = checkpointing.Checkpointer(trainer.workdir, keep=3)
+  with open(os.path.join(trainer.workdir, 'metrics.jsonl'), 'a') as mf:
+    for r in range(n):
+      inputs, clients, ran = trainer.round_inputs(r)
+      state, m = trainer.round.step(state, x, y, inputs)
+      m = jax.device_get(m)
+      trainer.plan.record_round(clients, np.asarray(m['noise_multiplier']), 2,
+                                steps_per_client=ran)
+      trainer._log(mf, r + 1, state, m, clients, 0, 0.0)
+      ckpt.save(r + 1, state, trainer._host_state(0, 0.0))
+  ckpt.close()
+
+
+def test_truncated_checkpoint_falls_back_to_previous(data, reference, tmp_path, capsys):
+  ref_dir, ref = reference
+  workdir = str(tmp_path)
+  _run_rounds(train.Trainer(tiny(), workdir, data=data), 3)
+  # Damage the newest checkpoint (round 3) as a kill during its write could have.
+  step_dir = os.path.join(workdir, 'checkpoints', '3')
+  for root, _, files in os.walk(os.path.join(step_dir, 'state')):
+    for name in files:
+      path = os.path.join(root, name)
+      with open(path, 'r+b') as f:
+        f.truncate(max(0, os.path.getsize(path) // 3))
+  resumed = train.Trainer(tiny(), workdir, data=data)
+  summary = resumed.run()
+  out = capsys.readouterr().out
+  assert 'could not be restored' in out and 'Resumed from round 2' in out
+  assert summary['rounds'] == 4
+  for a, b in zip(_params(ref), _params(resumed)):  # and still exact
+    np.testing.assert_array_equal(a, b)
+
+
+def test_resume_refuses_a_different_config(data, tmp_path):
+  workdir = str(tmp_path)
+  train.Trainer(tiny(**{'fed.rounds': 1}), workdir, data=data).run()
+  with pytest.raises(validation.ConfigError, match='fed.client_lr'):
+    train.Trainer(tiny(**{'fed.rounds': 1, 'fed.client_lr': 0.3}), workdir, data=data).run()
+
+
+def test_dropout_and_nan_client(data, tmp_path):
+  cfg = tiny(**{'faults.dropout': 0.2, 'faults.nan_clients': '2', 'fed.rounds': 5,
+                'faults.straggler_fraction': 0.3, 'checkpoint.every_rounds': 0})
+  trainer = train.Trainer(cfg, str(tmp_path), data=data)
+  summary = trainer.run()
+  assert summary['stopped_reason'] == 'completed'
+  for leaf in jax.tree_util.tree_leaves(trainer.final_state.params):
+    assert np.all(np.isfinite(np.asarray(leaf)))
+  rows = [json.loads(l) for l in open(os.path.join(tmp_path, 'metrics.jsonl'))]
+  reported = [r['nonfinite_clients'] for r in rows]
+  dropped_any = False
+  expected = [accounting.Ledger('rdp') for _ in range(4)]
+  for r in range(5):
+    inputs, clients, ran = trainer.round_inputs(r)
+    dropped_any |= bool(np.any(ran == 0))
+    # Client 2 is reported in every round where it was not dropped.
+    assert reported[r] == ([2] if ran[list(clients).index(2)] > 0 else [])
+    for k, s in zip(clients, ran):
+      if s:
+        expected[k].record(trainer.plan.spec(k, trainer.plan.noise_scale[k]), int(s))
+  assert dropped_any
+  for k in range(4):
+    assert trainer.plan.ledgers[k].epsilon(1e-5) == pytest.approx(expected[k].epsilon(1e-5))
+    assert trainer.plan.ledgers[k].steps == expected[k].steps
+
+
+@pytest.mark.skipif(shutil.which('true') is None, reason='needs a POSIX shell environment')
+def test_sigkill_at_random_rounds_resumes_exactly(tmp_path):
+  """benchmarks/kill_resume.py: 5 SIGKILLs at random rounds, resumed, vs uninterrupted."""
+  proc = subprocess.run([sys.executable, 'benchmarks/kill_resume.py', '--kills', '5', '--json',
+                         '--workdir', str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
+                        timeout=900, env=dict(os.environ, JAX_PLATFORMS='cpu'))
+  assert proc.returncode == 0, proc.stdout + proc.stderr
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert out['problems'] == [] and len(out['kill_points']) == 5
