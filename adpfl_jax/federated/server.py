@@ -124,6 +124,7 @@ class Round(NamedTuple):
   step: Any
   backend: str
   jitted: Any  # the jitted function(s), for compile-count checks
+  fn: Any = None  # the un-jitted round function (one-jit backends), e.g. to vmap over trials
 
 
 def build_round(cfg: client_lib.ClientConfig, tx, controller: controller_lib.Controller,
@@ -142,7 +143,7 @@ def build_round(cfg: client_lib.ClientConfig, tx, controller: controller_lib.Con
       return _finish(state, tx, controller, inputs, deltas, reports, z_total, dp)
 
     jitted = jax.jit(round_fn, donate_argnums=(0,) if donate else ())
-    return Round(step=jitted, backend=backend, jitted=(jitted,))
+    return Round(step=jitted, backend=backend, jitted=(jitted,), fn=round_fn)
 
   if backend != 'loop':
     raise ValueError(f'unknown backend {backend!r}')
