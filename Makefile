@@ -7,10 +7,10 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu
 SMOKE ?=
 SEEDS ?= 0 1 2
 
-.PHONY: install demo test test-fast lint bench compare clean help
+.PHONY: install demo test lint bench compare paper-table sweep clean help
 
 help:
-	@echo "make demo | test | install | lint | bench | compare | clean"
+	@echo "make demo | test | install | lint | bench | compare | paper-table | sweep | clean"
 
 $(STAMP): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "python >= 3.11 needed"'
@@ -36,6 +36,12 @@ bench: install
 
 compare: install
 	$(BIN)/python experiments/compare.py --out runs/compare --seeds $(SEEDS) $(if $(SMOKE),--smoke,)
+
+sweep: install
+	$(BIN)/python experiments/sweep.py --out runs/sweep $(if $(SMOKE),--smoke,)
+
+paper-table: install
+	$(BIN)/python experiments/paper/run.py --out runs/paper $(if $(SMOKE),--smoke --seeds 0,--seeds $(SEEDS)) $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -29,7 +29,7 @@ import orbax.checkpoint as ocp
 # Keys that may differ between the run that wrote a checkpoint and the run that resumes it,
 # because they do not change the result.
 NEUTRAL_KEYS = ('log.progress', 'checkpoint.every_rounds', 'checkpoint.keep',
-                'checkpoint.force', 'eval.batch_size')
+                'checkpoint.force', 'eval.batch_size', 'eval.tensorboard')
 
 
 def flatten_config(cfg: dict, prefix: str = '') -> dict:

@@ -58,19 +58,28 @@ def summarise_run(workdir: str) -> dict:
 
 
 def run_grid(make_config: Callable[[str, int], object], methods: Sequence[str],
-             seeds: Sequence[int], outdir: str, *, reuse: bool = True) -> dict:
-  """Trains every (method, seed) in ``outdir/<method>/seed_<s>`` and returns their summaries."""
+             seeds: Sequence[int], outdir: str, *, reuse: bool = True,
+             on_trained: Callable | None = None) -> dict:
+  """Trains every (method, seed) in ``outdir/<method>/seed_<s>`` and returns their summaries.
+
+  A finished run (``summary.json`` present) is reused unless ``reuse=False``; an unfinished one
+  resumes from its checkpoint. ``on_trained(method, seed, trainer)`` sees every trainer built.
+  """
   from adpfl_jax import train  # pylint: disable=g-import-not-at-top
   results: dict = {m: [] for m in methods}
   for method in methods:
     for seed in seeds:
       workdir = os.path.join(outdir, method, f'seed_{seed}')
       done = os.path.exists(os.path.join(workdir, 'summary.json'))
-      if not (reuse and done):
-        if os.path.exists(os.path.join(workdir, 'metrics.jsonl')):
-          os.remove(os.path.join(workdir, 'metrics.jsonl'))
+      if not (reuse and done) or on_trained is not None:
+        if not reuse and os.path.exists(workdir):
+          import shutil  # pylint: disable=g-import-not-at-top
+          shutil.rmtree(workdir)
         print(f'\n### {method}, seed {seed} → {workdir}', flush=True)
-        train.train_and_evaluate(make_config(method, seed), workdir)
+        trainer = train.Trainer(make_config(method, seed), workdir)
+        print(train.format_summary(trainer.run()), flush=True)
+        if on_trained is not None:
+          on_trained(method, seed, trainer)
       results[method].append(summarise_run(workdir))
   return results
 

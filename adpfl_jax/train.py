@@ -29,18 +29,18 @@ from adpfl_jax.federated import client as client_lib
 from adpfl_jax.federated import sampling
 from adpfl_jax.federated import server
 from adpfl_jax.metrics import dice as dice_lib
+from adpfl_jax.metrics import regions as metrics_regions
+from adpfl_jax.metrics import writers
 from adpfl_jax.privacy import controller as controller_lib
 from adpfl_jax.privacy import plan as plan_lib
 
 
 def regions_for(task: str, num_classes: int):
-  """Evaluation regions (name → labels) of a task."""
-  if task == 'skin' or num_classes == 1:
+  """Evaluation regions (name → labels) of a task, from ``metrics.regions.REGIONS``."""
+  if task in metrics_regions.REGIONS:
+    return dict(metrics_regions.REGIONS[task])
+  if num_classes == 1:
     return {'lesion': (1,)}
-  if task == 'kits23':
-    return {'kidney_and_masses': (1, 2, 3), 'masses': (2, 3), 'tumor': (2,)}
-  if task == 'brats2024':
-    return {'WT': (1, 2, 3), 'TC': (1, 3), 'ET': (3,), 'NETC': (1,), 'SNFH': (2,), 'RC': (4,)}
   return {f'class_{c}': (c,) for c in range(1, num_classes)}
 
 
@@ -50,6 +50,7 @@ class Trainer:
   def __init__(self, config, workdir: str, data: fed_data.FederatedData | None = None):
     validation.validate(config)
     self._nonfinite = set()
+    self._tb = None
     self.config = config
     self.workdir = workdir
     self.data = data if data is not None else fed_data.load(config.data, config.seed)
@@ -178,6 +179,36 @@ class Trainer:
     return {'plan': self.plan.host_state(), 'examples': examples, 'wall': wall,
             'config_hash': checkpointing.config_hash(self.config)}
 
+  def surface_evaluate(self, params, max_cases: int | None = None) -> dict:
+    """Challenge-style metrics on the pooled test split: per region Dice, HD95, NSD (host).
+
+    Uses ``metrics/regions.py`` (DeepMind surface elements, the task's official NSD tolerances and
+    empty-mask conventions) in physical units from the examples' voxel spacing.
+    """
+    task = self.data.task if self.data.task in metrics_regions.REGIONS else None
+    if task is None:
+      return {}
+    predict = self._predict_fn()
+    cases = []
+    spacing = self.data.spacing or (1.0,) * (len(self.data.example_shape) - 1)
+    for k in range(self.data.num_clients):
+      x, y = self.data.test_x[k], self.data.test_y[k]
+      for s in range(0, len(x), 16):
+        pred = np.asarray(predict(params, jnp.asarray(x[s:s + 16])))
+        for p_i, t_i in zip(pred, y[s:s + 16]):
+          cases.append(metrics_regions.evaluate_case(p_i, np.asarray(t_i), spacing, task,
+                                                     metrics=('dice', 'hd95', 'nsd')))
+      if max_cases and len(cases) >= max_cases:
+        break
+    return metrics_regions.aggregate(cases)
+
+  def _predict_fn(self):
+    if not hasattr(self, '_predict'):
+      apply_fn = self.model.apply
+      self._predict = jax.jit(lambda p, x: losses.predict_labels(
+          jax.vmap(lambda xi: apply_fn(p, xi))(x)))
+    return self._predict
+
   def run(self):
     cfg = self.config
     os.makedirs(self.workdir, exist_ok=True)
@@ -198,6 +229,7 @@ class Trainer:
     m = None
     interrupted = _SignalFlag()
     self._nonfinite = set()
+    self._tb = writers.TensorBoardWriter(self.workdir) if cfg.eval.tensorboard else None
     bar = tqdm.tqdm(range(start, rounds), desc='rounds', disable=not cfg.log.progress,
                     file=sys.stdout, dynamic_ncols=True, initial=start, total=rounds)
     try:
@@ -237,14 +269,16 @@ class Trainer:
             break
     finally:
       interrupted.restore()
+      if self._tb is not None:
+        self._tb.close()
+        self._tb = None
       if ckpt is not None:
         ckpt.close()
     if last_eval is None or last_eval['round'] != int(state.round):
       with open(metrics_path, 'a') as mf:
         last_eval = self._log(mf, int(state.round), state, m, None, examples, t_start)
-    summary = self._summary(last_eval, int(state.round), stopped, time.time() - t_start)
     self.final_state = state
-    return summary
+    return self._summary(last_eval, int(state.round), stopped, time.time() - t_start)
 
   def _log(self, mf, round_, state, m, clients, examples, t_start):
     ev = self.evaluate(state.params)
@@ -278,10 +312,15 @@ class Trainer:
       row['epsilon_spent_rdp'] = [float(e) for e in spent]
     mf.write(json.dumps(row) + '\n')
     mf.flush()
+    if self._tb is not None:
+      self._tb.write(row)
     return row
 
   def _summary(self, last, rounds, stopped, wall):
     eps = self.plan.epsilons(final=True)
+    surface = {}
+    if self.config.eval.surface_metrics:
+      surface = self.surface_evaluate(self.final_state.params)
     summary = {
         'dice': last['dice'],
         'dice_per_client': last['dice_per_client'],
@@ -301,6 +340,10 @@ class Trainer:
         'stopped_reason': stopped,
         'epsilon_is_valid': self.plan.valid_guarantee,
     }
+    if surface:
+      summary['surface_metrics'] = surface  # region → {dice, hd95 (mm), nsd}
+      summary['hd95'] = float(np.nanmean([v['hd95'] for v in surface.values()]))
+      summary['nsd'] = float(np.nanmean([v['nsd'] for v in surface.values()]))
     with open(os.path.join(self.workdir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2)
     with open(os.path.join(self.workdir, 'ledger.json'), 'w') as f:

@@ -103,6 +103,8 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.every_rounds = 10
   c.eval.batch_size = 64
+  c.eval.surface_metrics = True  # HD95 / NSD per region at the end (host, challenge scorers)
+  c.eval.tensorboard = True  # TensorBoard event files next to metrics.jsonl
 
   c.checkpoint = ml_collections.ConfigDict()
   c.checkpoint.every_rounds = 10  # 0 = no checkpoints; also saved at the end and on SIGINT/SIGTERM

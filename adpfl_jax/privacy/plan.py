@@ -10,8 +10,9 @@ post-processing of these per-silo mechanisms: aggregation weights use public siz
 use noised counts, and the noise schedule is a public function of the round.
 
 The plan lives on the host: calibration (``calibrate_dp_mechanism`` through ``accounting``),
-the per-silo ledgers, and the budget stop. Ledger ε during training uses a coarse PLD
-discretisation (still a pessimistic upper bound); the final summary uses the fine default.
+the per-silo ledgers, and the budget stop. Calibration, the budget stop and ε during training use
+a coarse PLD discretisation (1e-3; PLD's pessimistic estimate is still an upper bound, so the
+calibrated σ is at most slightly larger than needed); the final summary uses the fine default.
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ class PrivacyPlan:
           continue
         cache[key] = accounting.calibrate_scale(
             lambda s, k=k: self._planned_specs(k, s), self.target_epsilon * _CALIBRATION_MARGIN,
-            self.delta, self.accountant)
+            self.delta, self.accountant, pld_discretization=_COARSE_PLD)
       out[k] = cache[key]
     return out
 

@@ -1,0 +1,44 @@
+"""Metric writers: JSON lines and TensorBoard event files, only from the process owning the run."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+
+
+class TensorBoardWriter:
+  """Scalars of every evaluation row to ``<workdir>/tensorboard`` (tensorboardX event files)."""
+
+  def __init__(self, workdir: str):
+    self._writer = None
+    if jax.process_index() != 0:
+      return
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._writer = SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'))
+
+  def write(self, row: dict) -> None:
+    if self._writer is None:
+      return
+    step = int(row['round'])
+    for key, value in row.items():
+      if key == 'round':
+        continue
+      if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if math.isfinite(value):
+          self._writer.add_scalar(key, value, step)
+      elif isinstance(value, dict):
+        for sub, v in value.items():
+          if isinstance(v, (int, float)) and math.isfinite(v):
+            self._writer.add_scalar(f'{key}/{sub}', v, step)
+      elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
+        for i, v in enumerate(value):
+          if math.isfinite(v):
+            self._writer.add_scalar(f'{key}/{i}', v, step)
+    self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+      self._writer = None

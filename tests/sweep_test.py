@@ -1,0 +1,196 @@
+"""Vectorized sweeps: same results as each trial alone, separate ledgers, per-trial budget stop."""
+
+import csv
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from adpfl_jax import sweep
+from adpfl_jax import train
+from adpfl_jax.configs import default
+from adpfl_jax.data import federated
+
+ROOT = os.path.join(os.path.dirname(__file__), '..')
+TIMING = ('wall_seconds', 'examples_per_second')
+ROUNDS = 3
+
+
+def tiny(seed, epsilon, **kw):
+  c = default.get_config()
+  c.seed = seed
+  c.data.examples_per_client = 24
+  c.data.test_examples_per_client = 4
+  c.data.image_size = 8
+  c.model.features = 4
+  c.model.depth = 1
+  c.model.groups = 2
+  c.fed.rounds = ROUNDS
+  c.fed.local_steps = 2
+  c.privacy.batch_size = 6
+  c.privacy.accountant = 'rdp'  # quick to build; n = 24 is then the padded batch for ε ≥ 20
+  c.privacy.target_epsilon = epsilon
+  c.eval.every_rounds = 1
+  c.eval.surface_metrics = False
+  c.eval.tensorboard = False
+  c.checkpoint.every_rounds = 0
+  c.log.progress = False
+  for key, value in kw.items():
+    node = c
+    *parents, leaf = key.split('.')
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def trial_configs():
+  # A: calibrated to a loose target, runs every round. B: another seed and target, and a fixed
+  # noise multiplier too small for its target: its own plan stops it before the last round.
+  return [tiny(0, 50.0),
+          tiny(1, 20.0, **{'privacy.calibrate': False, 'privacy.noise_multiplier': 0.45})]
+
+
+@pytest.fixture(scope='module')
+def data():
+  c = tiny(0, 50.0)
+  return federated.load(c.data, c.seed)
+
+
+@pytest.fixture(scope='module')
+def runs(data, tmp_path_factory):
+  """The two trials vectorized (one group; trials vmapped, and lax.map-ped over the devices the
+  test setup forces), and each run alone through ``Trainer.run``."""
+  root = tmp_path_factory.mktemp('sweep')
+  configs = trial_configs()
+  vec, groups = {}, None
+  for axis, shard in (('vmap', False), ('map', True)):
+    trainers = sweep.build_trainers(configs, [str(root / f'{axis}_{i}') for i in range(2)], data)
+    groups = sweep.group_trainers(trainers)
+    vec[axis] = list(zip(trainers, sweep.run_group(trainers, trial_axis=axis,
+                                                   shard_trials=shard)))
+  alone = []
+  for i, c in enumerate(configs):
+    t = train.Trainer(c, str(root / f'alone_{i}'), data=data)
+    alone.append((t, t.run()))
+  return groups, vec, alone
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, 'metrics.jsonl')) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def _assert_rows_close(a, b):
+  assert [r['round'] for r in a] == [r['round'] for r in b]
+  for ra, rb in zip(a, b):
+    assert set(ra) == set(rb)
+    for key in ra:
+      if key in TIMING:
+        continue
+      va, vb = ra[key], rb[key]
+      if isinstance(va, dict):
+        assert set(va) == set(vb), key
+        va, vb = [va[k] for k in sorted(va)], [vb[k] for k in sorted(va)]
+      if isinstance(va, str) or va is None:
+        assert va == vb, key
+      else:
+        np.testing.assert_allclose(np.asarray(va, np.float64), np.asarray(vb, np.float64),
+                                   rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_trials_form_one_group(runs):
+  groups, _, _ = runs
+  assert groups == [[0, 1]]
+
+
+@pytest.mark.parametrize('axis', ['vmap', 'map'])
+def test_vectorized_matches_each_trial_alone(runs, axis):
+  _, vec, alone = runs
+  for (tv, sv), (ta, sa) in zip(vec[axis], alone):
+    for a, b in zip(jax.tree_util.tree_leaves(ta.final_state),
+                    jax.tree_util.tree_leaves(tv.final_state)):
+      # atol: near-zero weights (on GPUs with TF32 convolutions a few differ by ~2e-6).
+      np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                 rtol=1e-4, atol=1e-5)
+    _assert_rows_close(_rows(ta.workdir), _rows(tv.workdir))
+    assert sv['rounds'] == sa['rounds']
+    assert sv['stopped_reason'] == sa['stopped_reason']
+    np.testing.assert_allclose(sv['dice'], sa['dice'], rtol=1e-4)
+    assert sv['epsilon_per_client'] == sa['epsilon_per_client']
+    assert ta.plan.ledgers == tv.plan.ledgers
+    for name in ('config.json', 'ledger.json', 'summary.json', 'metrics.jsonl'):
+      assert os.path.exists(os.path.join(tv.workdir, name)), name
+
+
+def test_ledgers_stay_separate(runs):
+  _, vec, _ = runs
+  (ta, sa), (tb, sb) = vec['vmap']
+  assert ta.plan.ledgers != tb.plan.ledgers
+  # Each trial is charged only for its own rounds and noise, and stays within its own target.
+  assert sa['epsilon'] <= 50.0 and sb['epsilon'] <= 20.0
+  assert sa['epsilon'] != sb['epsilon']
+  steps_a = sum(n for ledger in ta.plan.ledgers for _, n in ledger.runs)
+  steps_b = sum(n for ledger in tb.plan.ledgers for _, n in ledger.runs)
+  k, local = ta.data.num_clients, int(ta.config.fed.local_steps)
+  assert steps_a == sa['rounds'] * k * local
+  assert steps_b == sb['rounds'] * k * local
+
+
+def test_trial_over_budget_freezes_while_other_continues(runs):
+  _, vec, _ = runs
+  (ta, sa), (tb, sb) = vec['vmap']
+  assert sa['rounds'] == ROUNDS and sa['stopped_reason'] == 'completed'
+  assert sb['rounds'] < ROUNDS and sb['stopped_reason'].startswith('budget')
+  assert int(tb.final_state.round) == sb['rounds']
+  rows_b = _rows(tb.workdir)
+  assert max(r['round'] for r in rows_b) == sb['rounds']
+  assert len(_rows(ta.workdir)) == ROUNDS
+
+
+def test_grid_configs_cells():
+  make = lambda method, seed: tiny(seed, 1.0, **(
+      {'privacy.mode': 'none'} if method == 'npfl' else {}))
+  cells = sweep.grid_configs(make, ['dpfl', 'npfl'], [1.0, 4.0], [0, 1])
+  got = sorted((c['method'], c['epsilon'], c['seed']) for c in cells)
+  assert got == sorted([('dpfl', 1.0, 0), ('dpfl', 4.0, 0), ('dpfl', 1.0, 1), ('dpfl', 4.0, 1),
+                        ('npfl', float('inf'), 0), ('npfl', float('inf'), 1)])
+  for c in cells:
+    assert c['config'].seed == c['seed']
+    if c['method'] == 'dpfl':
+      assert c['config'].privacy.target_epsilon == c['epsilon']
+
+
+def test_sweep_cli_writes_frontier(tmp_path):
+  spec = importlib.util.spec_from_file_location('sweep_cli',
+                                                os.path.join(ROOT, 'experiments', 'sweep.py'))
+  cli = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(cli)
+  sets = ['privacy.accountant=rdp', 'data.image_size=8', 'model.depth=1', 'model.groups=2',
+          'fed.rounds=2', 'data.examples_per_client=24', 'data.test_examples_per_client=4',
+          'privacy.batch_size=6', 'eval.surface_metrics=False', 'eval.tensorboard=False',
+          'checkpoint.every_rounds=0']
+  argv = ['--out', str(tmp_path), '--smoke', '--methods', 'dpfl', '--epsilons', '20', '50']
+  for s in sets:
+    argv += ['--set', s]
+  assert cli.main(argv) == 0
+  with open(tmp_path / 'frontier.csv') as f:
+    rows = list(csv.DictReader(f))
+  assert list(rows[0]) == ['method', 'epsilon_target', 'seed', 'dice', 'epsilon_spent']
+  cells = sorted((r['method'], float(r['epsilon_target']), int(r['seed'])) for r in rows)
+  assert cells == sorted([('dpfl', 20.0, 0), ('dpfl', 20.0, 1), ('dpfl', 50.0, 0),
+                          ('dpfl', 50.0, 1), ('npfl', float('inf'), 0),
+                          ('npfl', float('inf'), 1)])
+  for r in rows:
+    assert 0.0 <= float(r['dice']) <= 1.0
+    if r['method'] == 'dpfl':
+      assert 0.0 < float(r['epsilon_spent']) <= float(r['epsilon_target'])
+  with open(tmp_path / 'frontier.png', 'rb') as f:
+    assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  # A second call reuses the finished trials instead of retraining them.
+  mtime = os.path.getmtime(tmp_path / 'dpfl' / 'eps_20' / 'seed_0' / 'summary.json')
+  assert cli.main(argv) == 0
+  assert os.path.getmtime(tmp_path / 'dpfl' / 'eps_20' / 'seed_0' / 'summary.json') == mtime
