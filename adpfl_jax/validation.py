@@ -45,6 +45,8 @@ def validate(config) -> None:
   _check(p.clip_norm > 0, 'privacy.clip_norm', p.clip_norm, 'must be > 0')
   _check(0 < p.clip_min <= p.clip_norm <= p.clip_max, 'privacy.clip_min', p.clip_min,
          'need 0 < clip_min <= clip_norm <= clip_max')
+  _check(0.0 <= p.clip_lr_power <= 2.0, 'privacy.clip_lr_power', p.clip_lr_power,
+         'must be in [0, 2]')
   _check(p.batch_size >= 1, 'privacy.batch_size', p.batch_size, 'must be >= 1 (expected batch)')
   _check(p.max_batch_sigmas > 0, 'privacy.max_batch_sigmas', p.max_batch_sigmas, 'must be > 0')
   _check(0 <= p.quantile.target <= 1, 'privacy.quantile.target', p.quantile.target,

@@ -59,6 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.privacy.clip_norm = 1.0  # C (fixed) or C_0 (adaptive)
   c.privacy.clip_min = 1e-3
   c.privacy.clip_max = 1e3
+  # Adaptive clipping: client lr × (C₀/C)^power, so a shrinking C does not also shrink the step
+  # (a public function of the already-privatized C: post-processing, no privacy cost).
+  c.privacy.clip_lr_power = 0.0
   c.privacy.calibrate = True  # noise from target_epsilon and the planned run
   c.privacy.noise_multiplier = 1.0  # total z, used when calibrate=False
   c.privacy.target_epsilon = 8.0

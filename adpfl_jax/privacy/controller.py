@@ -14,7 +14,9 @@ Clip modes (``config.privacy.clip_mode``):
   ½). Both queries are Gaussian on one sample, so they compose into one Gaussian of multiplier z
   with 1/z² = 1/z_Δ² + 1/(2σ_b)²: the gradient gets z_Δ = (z⁻² − (2σ_b)⁻²)^(−1/2) and the ledger
   records the total z. C then moves geometrically, C ← C·exp(−η(b̄ − γ)), a post-processing of the
-  noised count; noise in a round always uses the C that clipped it.
+  noised count; noise in a round always uses the C that clipped it. With
+  ``privacy.clip_lr_power`` = p the client learning rate is multiplied by (C₀/C)^p, a public
+  function of the already-privatized C.
 * ``percentile`` — the paper's rule (clip at the p-th percentile of per-example norms), privately:
   each step releases a noisy CDF of the norms on a public geometric grid of G thresholds (centred
   counts, L2 sensitivity √G/2, per-count noise std σ_h), folded into the total z the same way. The
@@ -155,6 +157,7 @@ def make(privacy_cfg, fed_cfg, sizes: np.ndarray, rates: np.ndarray, noise_scale
 
   clip0 = float(privacy_cfg.clip_norm)
   clip_min, clip_max = float(privacy_cfg.clip_min), float(privacy_cfg.clip_max)
+  lr_power = float(privacy_cfg.get('clip_lr_power', 0.0))
   lr_kind = fed_cfg.client_lr_schedule
   lr_shape = schedules.jnp_schedule(lr_kind, plan_lib.schedule_params(
       lr_kind, dict(fed_cfg.client_lr_schedule_params), rounds))
@@ -188,6 +191,12 @@ def make(privacy_cfg, fed_cfg, sizes: np.ndarray, rates: np.ndarray, noise_scale
     _, idx = jax.lax.top_k(scores, keep)
     return jnp.zeros((param_count,), jnp.float32).at[idx].set(1.0)
 
+  def lr_clip(state, ids):
+    """(C₀ / C_k)^power: keeps the step size of clipped updates as C adapts (post-processing)."""
+    if lr_power == 0.0 or mode in ('none', 'fixed'):
+      return jnp.ones(ids.shape, jnp.float32)
+    return (clip0 / state.clip[ids]) ** lr_power
+
   def total_noise(state, ids):
     return state.noise_scale[ids] * shape_fn(state.round) * state.adapt
 
@@ -204,7 +213,7 @@ def make(privacy_cfg, fed_cfg, sizes: np.ndarray, rates: np.ndarray, noise_scale
         aux_std=aux_std_j[ids],
         grid=jnp.broadcast_to(grid_j, (m,) + grid_j.shape),
         expected_batch=expected_j[ids],
-        lr=jnp.broadcast_to(state.lr_scale * lr_shape(state.round), (m,)),
+        lr=jnp.broadcast_to(state.lr_scale * lr_shape(state.round), (m,)) * lr_clip(state, ids),
         sparsity_mask=mask)
     return dp, z_total
 

@@ -82,6 +82,21 @@ def test_feedback_sign():
   assert float(_update(ctrl, state, [1.0, 1.0]).clip[0]) < c0  # none clipped ⇒ C shrinks
 
 
+@pytest.mark.parametrize('power', [0.0, 0.5, 1.0])
+def test_clip_lr_power_scales_the_step_by_the_privatized_clip(power):
+  cfg = _cfg(**{'privacy.clip_mode': 'quantile', 'privacy.clip_norm': 2.0,
+                'privacy.clip_lr_power': power, 'fed.client_lr': 0.1})
+  ctrl = _controller(cfg)
+  state = _update(ctrl, ctrl.init(), [1.0, 0.0])  # silo 0: C shrinks, silo 1: C grows
+  dp, _ = ctrl.client_dp(state, jnp.arange(2))
+  expected = 0.1 * (2.0 / np.asarray(state.clip)) ** power
+  np.testing.assert_allclose(np.asarray(dp.lr), expected, rtol=1e-6)
+  assert (power == 0.0) == bool(np.allclose(np.asarray(dp.lr), 0.1))
+  fixed = _controller(_cfg(**{'privacy.clip_lr_power': power}))  # fixed C: never rescaled
+  dp, _ = fixed.client_dp(fixed.init(), jnp.arange(2))
+  np.testing.assert_allclose(np.asarray(dp.lr), 0.1, rtol=1e-6)
+
+
 @pytest.mark.parametrize('c0', [0.01, 100.0])
 def test_closed_loop_converges_to_the_quantile_from_both_sides(c0):
   """Simulated record norms ~ LogNormal(0, 0.5): C tracks their median (1.0)."""
