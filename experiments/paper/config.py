@@ -42,7 +42,8 @@ def apply_method(c, method: str):
     c.privacy.noise_schedule = 'constant'
   else:
     c.privacy.clip_mode = 'quantile'
-    c.privacy.quantile.target = 0.3
+    c.privacy.quantile.target = 0.2
+    c.privacy.quantile.lr = 0.5
     c.privacy.quantile.count_std_fraction = 0.5
     c.privacy.noise_schedule = 'linear'
     c.privacy.noise_schedule_params.start = 1.25
