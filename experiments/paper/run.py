@@ -1,6 +1,7 @@
 r"""Runs the paper's 3 × 3 study and writes ``<out>/table.md``, convergence plots and overlays.
 
   python experiments/paper/run.py --out runs/paper [--seeds 0 1 2] [--smoke] [--data-dir DIR]
+      [--set fed.rounds=2 --set eval.every_rounds=1 ...]   # overrides applied to every cell
 
 ``--data-dir`` (one directory per task: DIR/ham10000, DIR/kits23, DIR/brats2024) trains on the
 real releases; without it every task uses phantoms written in the real layout.
@@ -75,6 +76,37 @@ def overlay(task, trainers, path):
   plt.close(fig)
 
 
+def _parse_override(item):
+  key, eq, value = item.partition('=')
+  if not eq or not key:
+    raise SystemExit(f'--set {item!r}: expected KEY=VALUE, e.g. fed.rounds=2')
+  return key, value
+
+
+def apply_overrides(c, overrides):
+  """Sets ``key=value`` pairs (value converted to the key's type); an unknown key is named."""
+  if not overrides:
+    return c
+  c.unlock()
+  for key, value in overrides:
+    node = c
+    *parents, leaf = key.split('.')
+    try:
+      for part in parents:
+        node = node[part]
+      old = node[leaf]
+    except KeyError:
+      raise SystemExit(f'--set {key}={value}: config has no key {key!r}') from None
+    if isinstance(old, bool):
+      node[leaf] = value.lower() in ('1', 'true', 'yes', 'y')
+    elif isinstance(old, (tuple, list)):
+      node[leaf] = type(old)(type(old[0])(v) for v in value.split(',')) if old else ()
+    else:
+      node[leaf] = type(old)(value)
+  c.lock()
+  return c
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--out', default='runs/paper')
@@ -84,7 +116,10 @@ def main(argv=None):
   ap.add_argument('--smoke', action='store_true')
   ap.add_argument('--data-dir', default='')
   ap.add_argument('--fresh', action='store_true')
+  ap.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                  help='config override applied to every cell (e.g. fed.rounds=2)')
   args = ap.parse_args(argv)
+  overrides = [_parse_override(item) for item in args.set]
   os.makedirs(args.out, exist_ok=True)
   sections = ['# ADP-FL study: NP-FL vs DP-FL vs ADP-FL', '',
               f"seeds {args.seeds}; {'smoke (tiny) settings' if args.smoke else 'full settings'};"
@@ -99,7 +134,7 @@ def main(argv=None):
       arg = f'task={task},method={method},seed={seed}' + (',smoke' if args.smoke else '')
       if data_dir:
         arg += f',data_dir={data_dir}'
-      return paper.get_config(arg)
+      return apply_overrides(paper.get_config(arg), overrides)
 
     def keep(method, seed, trainer):
       if seed == args.seeds[0]:
