@@ -22,8 +22,13 @@ def _train(argv):
   config_flags.DEFINE_config_file('config', None, 'Experiment config file (get_config).',
                                   lock_config=True)
   flags.mark_flags_as_required(['config', 'workdir'])
+  # absl/orbax INFO logs (one per checkpoint step) drown the run's own output: WARNING by
+  # default, unless the user asks for a level with absl's --verbosity / -v.
+  quiet = not any(a.split('=')[0] in ('--verbosity', '-v', '--v') for a in argv)
 
   def main(_):
+    if quiet:
+      logging.set_verbosity(logging.WARNING)
     # Hide accelerators from TensorFlow if a dataset reader imports it.
     os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
     import jax  # pylint: disable=g-import-not-at-top
