@@ -11,6 +11,7 @@ import pytest
 
 from adpfl_jax import sweep
 from adpfl_jax import train
+from adpfl_jax.configs import common
 from adpfl_jax.configs import default
 from adpfl_jax.data import federated
 
@@ -39,11 +40,7 @@ def tiny(seed, epsilon, **kw):
   c.checkpoint.every_rounds = 0
   c.log.progress = False
   for key, value in kw.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    common.set_path(c, key, value)
   return c
 
 

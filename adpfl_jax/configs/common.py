@@ -32,3 +32,12 @@ def parse_arg(arg: str | None, **defaults):
     else:
       out[key] = type(default)(value)
   return out
+
+
+def set_path(config, key: str, value) -> None:
+  """Sets a dotted key (``'privacy.quantile.target'``) of a ConfigDict; a missing key raises."""
+  node = config
+  *parents, leaf = key.split('.')
+  for part in parents:
+    node = node[part]
+  node[leaf] = value

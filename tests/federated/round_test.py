@@ -11,6 +11,7 @@ from jax.flatten_util import ravel_pytree
 
 from adpfl_jax import train
 from adpfl_jax import validation
+from adpfl_jax.configs import common
 from adpfl_jax.configs import default
 
 
@@ -32,11 +33,7 @@ def tiny_config(**overrides):
   c.eval.batch_size = 8
   c.log.progress = False
   for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    common.set_path(c, key, value)
   return c
 
 

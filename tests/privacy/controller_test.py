@@ -11,6 +11,7 @@ from jax.flatten_util import ravel_pytree
 from scipy import stats
 
 from adpfl_jax import train
+from adpfl_jax.configs import common
 from adpfl_jax.configs import default
 from adpfl_jax.federated import client as client_lib
 from adpfl_jax.privacy import accounting
@@ -22,11 +23,7 @@ def _cfg(**kw):
   c = default.get_config()
   c.fed.rounds = 5
   for key, value in kw.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    common.set_path(c, key, value)
   return c
 
 
@@ -142,11 +139,7 @@ def _tiny(**kw):
   c.eval.every_rounds = 1
   c.log.progress = False
   for key, value in kw.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    common.set_path(c, key, value)
   return c
 
 

@@ -12,6 +12,7 @@ import pytest
 
 from adpfl_jax import train
 from adpfl_jax import validation
+from adpfl_jax.configs import common
 from adpfl_jax.configs import default
 from adpfl_jax.privacy import accounting
 
@@ -35,11 +36,7 @@ def tiny(**kw):
   c.checkpoint.every_rounds = 1
   c.log.progress = False
   for key, value in kw.items():
-    node = c
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
+    common.set_path(c, key, value)
   return c
 
 
