@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import time
@@ -37,8 +38,8 @@ class UsageError(ValueError):
 
 def _ints(text: str) -> tuple[int, ...]:
   try:
-    out = tuple(int(v) for v in text.replace('x', ',').split(',') if v.strip())
-  except ValueError:
+    out = tuple(int(v) for v in text.replace('x', ',').split(','))
+  except ValueError:  # Empty fields ('8,,8', '8,x,8') are errors, not silently dropped.
     raise argparse.ArgumentTypeError(f'{text!r} is not a comma-separated list of integers')
   if not out or min(out) < 1:
     raise argparse.ArgumentTypeError(f'{text!r} must hold positive integers')
@@ -152,12 +153,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   """Runs ``adpfl data`` with `argv` (without the program name); returns the exit code."""
   args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
   try:
-    if args.command == 'make-phantoms':
-      return _make_phantoms(args)
-    return _prepare(args)
+    rc = _make_phantoms(args) if args.command == 'make-phantoms' else _prepare(args)
+    sys.stdout.flush()  # A closed pipe shows up here, inside the handler below.
+    return rc
   except UsageError as e:
     print(f'adpfl data {args.command}: {e}', file=sys.stderr)
     return 2
+  except BrokenPipeError:  # `adpfl data ... | head`: the reader left; not an error.
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Exit-time flush: no error.
+    return 0
   except (ValueError, OSError) as e:  # Readers' errors name the bad file, case or column.
     print(f'adpfl data {args.command}: {type(e).__name__}: {e}', file=sys.stderr)
     return 1

@@ -59,11 +59,14 @@ def summarise_run(workdir: str) -> dict:
 
 def run_grid(make_config: Callable[[str, int], object], methods: Sequence[str],
              seeds: Sequence[int], outdir: str, *, reuse: bool = True,
-             on_trained: Callable | None = None) -> dict:
+             on_trained: Callable | None = None,
+             wants_trainer: Callable[[str, int], bool] | None = None) -> dict:
   """Trains every (method, seed) in ``outdir/<method>/seed_<s>`` and returns their summaries.
 
   A finished run (``summary.json`` present) is reused unless ``reuse=False``; an unfinished one
-  resumes from its checkpoint. ``on_trained(method, seed, trainer)`` sees every trainer built.
+  resumes from its checkpoint. ``on_trained(method, seed, trainer)`` sees every trainer built;
+  a finished run is rebuilt (restored from its last checkpoint) for it only where
+  ``wants_trainer(method, seed)`` is true (default: every run).
   """
   from adpfl_jax import train  # pylint: disable=g-import-not-at-top
   results: dict = {m: [] for m in methods}
@@ -71,7 +74,8 @@ def run_grid(make_config: Callable[[str, int], object], methods: Sequence[str],
     for seed in seeds:
       workdir = os.path.join(outdir, method, f'seed_{seed}')
       done = os.path.exists(os.path.join(workdir, 'summary.json'))
-      if not (reuse and done) or on_trained is not None:
+      rebuild = on_trained is not None and (wants_trainer is None or wants_trainer(method, seed))
+      if not (reuse and done) or rebuild:
         if not reuse and os.path.exists(workdir):
           import shutil  # pylint: disable=g-import-not-at-top
           shutil.rmtree(workdir)

@@ -42,6 +42,12 @@ def validate(config) -> None:
   _check(p.target_epsilon > 0, 'privacy.target_epsilon', p.target_epsilon, 'must be > 0')
   _check(math.isfinite(p.noise_multiplier) and p.noise_multiplier >= 0,
          'privacy.noise_multiplier', p.noise_multiplier, 'must be finite and >= 0')
+  if p.mode == 'dp' and not p.calibrate:  # The given σ is used as is.
+    _check(p.noise_multiplier > 0, 'privacy.noise_multiplier', p.noise_multiplier,
+           "must be > 0 with privacy.calibrate=False (σ = 0 gives ε = ∞; use privacy.mode='none')")
+    _check(p.accountant != 'pld' or p.noise_multiplier >= 0.1, 'privacy.noise_multiplier',
+           p.noise_multiplier, "must be >= 0.1 with accountant='pld' (PLD grids explode for a "
+           "tiny σ; use accountant='rdp')")
   _check(p.clip_norm > 0, 'privacy.clip_norm', p.clip_norm, 'must be > 0')
   _check(0 < p.clip_min <= p.clip_norm <= p.clip_max, 'privacy.clip_min', p.clip_min,
          'need 0 < clip_min <= clip_norm <= clip_max')

@@ -54,3 +54,15 @@ def test_adaptive_noise_requires_rdp_filter():
 
 def test_default_config_is_valid():
   validation.validate(default.get_config())
+
+
+@pytest.mark.parametrize('sigma,accountant', [(0.0, 'rdp'), (0.0, 'pld'), (0.01, 'pld')])
+def test_uncalibrated_sigma_must_be_usable(sigma, accountant):
+  c = default.get_config()
+  c.privacy.calibrate = False
+  c.privacy.noise_multiplier = sigma
+  c.privacy.accountant = accountant
+  with pytest.raises(validation.ConfigError, match='privacy.noise_multiplier'):
+    validation.validate(c)
+  c.privacy.noise_multiplier = 0.5  # A usable σ passes with either accountant.
+  validation.validate(c)

@@ -95,6 +95,8 @@ UNASSIGNED = 'unassigned'
 #: Environment variable overriding the phantom cache root.
 CACHE_ENV = 'ADPFL_CACHE_DIR'
 _COMPLETE = '.complete'
+# Bumped whenever a phantom generator changes, so cached phantoms of an older recipe are not reused.
+PHANTOM_VERSION = {'ham10000': 1, 'kits23': 2, 'brats2024': 2}
 
 #: Defaults of every key `load` reads, per data set.
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -255,10 +257,11 @@ def phantom_dir(task: str, cases: int, sites: int, seed: int, shape: Sequence[in
                 cache_dir: PathLike | None = None) -> pathlib.Path:
   """Returns a cached phantom folder of `task`, writing it first if needed.
 
-  The folder is `<root>/<task>-<cases>-<seed>-s<sites>-<shape>` where `<root>` is `cache_dir`,
-  else `$ADPFL_CACHE_DIR`, else `$XDG_CACHE_HOME/adpfl_jax/phantoms` (default
-  `~/.cache/adpfl_jax/phantoms`). It is written into a temporary sibling folder and renamed into
-  place when complete, so concurrent runs never see a half-written folder.
+  The folder is `<root>/<task>-v<version>-<cases>-<seed>-s<sites>-<shape>` (version from
+  `PHANTOM_VERSION`), where `<root>` is `cache_dir`, else `$ADPFL_CACHE_DIR`, else
+  `$XDG_CACHE_HOME/adpfl_jax/phantoms` (default `~/.cache/adpfl_jax/phantoms`). It is written
+  into a temporary sibling folder and renamed into place when complete, so concurrent runs never
+  see a half-written folder.
   """
   if cache_dir:
     root = pathlib.Path(cache_dir)
@@ -268,7 +271,7 @@ def phantom_dir(task: str, cases: int, sites: int, seed: int, shape: Sequence[in
     xdg = os.environ.get('XDG_CACHE_HOME') or os.path.join(os.path.expanduser('~'), '.cache')
     root = pathlib.Path(xdg) / 'adpfl_jax' / 'phantoms'
   shape_s = 'x'.join(str(int(s)) for s in shape)
-  final = root / f'{task}-{int(cases)}-{int(seed)}-s{int(sites)}-{shape_s}'
+  final = root / f'{task}-v{PHANTOM_VERSION.get(task, 1)}-{int(cases)}-{int(seed)}-s{int(sites)}-{shape_s}'
   if (final / _COMPLETE).is_file():
     return final
   root.mkdir(parents=True, exist_ok=True)

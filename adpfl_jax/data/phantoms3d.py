@@ -206,7 +206,8 @@ def write_kits23_phantoms(
 
   Returns:
     Mapping case id -> site id, as written to `<out_dir>/anony_sites.csv`.
-    Every third case (index 1, 4, ...) has no cyst.
+    One case in three has no cyst (index i with (i + i // sites) % 3 == 1: 1, 3, 8, ... for 3
+    sites), spread so that every site has cases with and without one.
   """
   out = pathlib.Path(out_dir)
   dataset = out / 'dataset'
@@ -221,7 +222,7 @@ def write_kits23_phantoms(
       px, noise, offset = px * srng.uniform(0.9, 1.1), noise * srng.uniform(0.7, 1.3), \
           offset + srng.uniform(-10, 10)
     img, lbl = kits23_phantom(shape, rng, phase=phase, noise_hu=noise, offset_hu=offset,
-                              with_cyst=(i % 3 != 1))
+                              with_cyst=((i + i // sites) % 3 != 1))
     cid = kits23.case_id(num)
     spacing = (thick, px, px)
     nifti.write_nifti(dataset / cid / 'imaging.nii.gz', img, spacing, dtype=np.float64)
@@ -308,11 +309,11 @@ def brats_phantom(
   paint = [(2, tc + [0.0, 0.0, 1.4 * r_et])]
   if with_rc:  # Cavity touching the tumour, towards the brain centre.
     direction = -tc / (np.linalg.norm(tc) + 1e-8)
-    rc_center = tc + direction * (r_et + 0.12)
-    labels[brain & _ellipsoid(g, rc_center, (0.14, 0.14, 0.14))] = 4
+    rc_center = tc + direction * (r_et + 0.18)
+    labels[brain & _ellipsoid(g, rc_center, (0.24, 0.24, 0.24))] = 4
     paint.append((4, rc_center))
   labels[brain & (dist <= r_et)] = 3
-  labels[brain & (dist <= 0.55 * r_et)] = 1
+  labels[brain & (dist <= 0.7 * r_et)] = 1
   paint += [(3, tc + [0.0, 0.0, 0.8 * r_et]), (1, tc)]
   for value, point in paint:  # Keep every structure on tiny grids.
     v = _nearest_voxel(shape, point)
@@ -400,7 +401,7 @@ def write_brats2024_phantoms(
     prng = np.random.default_rng([seed, pid])  # Patient-level: tumour location.
     center = (prng.uniform(-0.2, 0.2), prng.uniform(-0.3, 0.3),
               prng.choice([-1.0, 1.0]) * prng.uniform(0.25, 0.4))
-    radius = prng.uniform(0.15, 0.22) * (1.0 + 0.15 * (p['tp'] - 100) * prng.choice([-1, 1]))
+    radius = prng.uniform(0.2, 0.27) * (1.0 + 0.15 * (p['tp'] - 100) * prng.choice([-1, 1]))
     rng = np.random.default_rng([seed, pid, p['tp']])
     image, labels = brats_phantom(shape, rng, tumour_center=center, tumour_radius=radius,
                                   scale=scale, bias=bias, noise=noise)

@@ -141,7 +141,8 @@ def main(argv=None):
         trainers[method] = trainer
 
     results = studies.run_grid(make, args.methods, args.seeds, os.path.join(args.out, task),
-                               reuse=not args.fresh, on_trained=keep)
+                               reuse=not args.fresh, on_trained=keep,
+                               wants_trainer=lambda method, seed: seed == args.seeds[0])
     cfg = make(args.methods[0], args.seeds[0])
     sections.append(task_table(task, results))
     sections.append(f'(ε target {cfg.privacy.target_epsilon:g}, δ {cfg.privacy.delta:g}, '

@@ -108,12 +108,26 @@ def test_make_phantoms_bad_values(tmp_path, capsys, argv, rc, message):
     (['--task', 'kits23', '--out', 'o', '--cases', 'two'], "--cases: invalid int value: 'two'"),
     (['--task', 'kits23', '--out', 'o', '--cases', '2', '--shape', '8,y,8'],
      "--shape: '8,y,8' is not a comma-separated list of integers"),
+    (['--task', 'kits23', '--out', 'o', '--cases', '2', '--shape', '8,x,8'],
+     "--shape: '8,x,8' is not a comma-separated list of integers"),
+    (['--task', 'kits23', '--out', 'o', '--cases', '2', '--shape', '8,,8'],
+     "--shape: '8,,8' is not a comma-separated list of integers"),
 ])
 def test_make_phantoms_usage_errors_name_the_argument(capsys, argv, message):
   with pytest.raises(SystemExit) as e:
     data_cli.main(['make-phantoms', *argv])
   assert e.value.code == 2
   assert message in capsys.readouterr().err
+
+
+def test_closed_stdout_pipe_is_not_an_error(tmp_path):
+  """`adpfl data make-phantoms ... | head` exits 0 when the reader has already left."""
+  cmd = (f'{sys.executable} -m adpfl_jax data make-phantoms --task ham10000 --cases 2 '
+         f'--shape 24,32 --out {tmp_path / "o"} | true')  # `true` never reads: a closed pipe.
+  out = subprocess.run(['bash', '-o', 'pipefail', '-c', cmd], capture_output=True, text=True,
+                       cwd=REPO, timeout=120, check=False)
+  assert out.returncode == 0, out.stderr
+  assert 'Error' not in out.stderr and 'Traceback' not in out.stderr
 
 
 def test_entry_point_exit_code_and_message(tmp_path):

@@ -114,7 +114,7 @@ def test_scan_finds_cases_sites_and_metadata(kits_dir):
 
 
 def test_load_case_labels_dtypes_and_no_cyst_case(kits_dir):
-  root, _ = kits_dir
+  root, sites = kits_dir
   found = {}
   for case in kits23.scan(root):
     image, labels, spacing = kits23.load_case(case)
@@ -123,6 +123,8 @@ def test_load_case_labels_dtypes_and_no_cyst_case(kits_dir):
     found[case.case_id] = set(np.unique(labels).tolist())
   assert found['case_00000'] == {0, 1, 2, 3}
   assert found['case_00001'] == {0, 1, 2}  # A case without a cyst.
+  # Cyst-free cases are not tied to one site: site 0 has case 0 (cyst) and case 3 (none).
+  assert sites['case_00003'] == sites['case_00000'] and found['case_00003'] == {0, 1, 2}
   assert all(v <= {0, 1, 2, 3} for v in found.values())
 
 

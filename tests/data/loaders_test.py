@@ -166,7 +166,8 @@ def test_phantom_cache_is_written_once_and_reused(tmp_path, monkeypatch):
   a = loaders.load(cfg, seed=0)
   root = tmp_path / 'env_cache'
   (folder,) = [p for p in root.iterdir()]
-  assert folder.name == 'kits23-6-0-s2-8x16x16'
+  name = f'kits23-v{loaders.PHANTOM_VERSION["kits23"]}-6-0-s2-8x16x16'  # Recipe version in it.
+  assert folder.name == name
   assert (folder / '.complete').is_file() and (folder / 'dataset' / 'case_00000').is_dir()
   b = loaders.load(cfg, seed=0)
   assert len(writes) == 1  # Second load reads the cache.
@@ -175,7 +176,7 @@ def test_phantom_cache_is_written_once_and_reused(tmp_path, monkeypatch):
 
   # cache_dir wins over the environment; an incomplete folder (no marker) is rewritten.
   cfg['cache_dir'] = str(tmp_path / 'own')
-  stale = tmp_path / 'own' / 'kits23-6-0-s2-8x16x16'
+  stale = tmp_path / 'own' / name
   (stale / 'dataset').mkdir(parents=True)
   loaders.load(cfg, seed=0)
   assert len(writes) == 2 and (stale / '.complete').is_file()
