@@ -40,8 +40,9 @@ compare: install
 sweep: install
 	$(BIN)/python experiments/sweep.py --out runs/sweep $(if $(SMOKE),--smoke,)
 
+# SMOKE=1 runs seed 0 unless SEEDS is given (`make paper-table SMOKE=1 SEEDS="0 1 2"`).
 paper-table: install
-	$(BIN)/python experiments/paper/run.py --out runs/paper $(if $(SMOKE),--smoke --seeds 0,--seeds $(SEEDS)) $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+	$(BIN)/python experiments/paper/run.py --out runs/paper $(if $(SMOKE),--smoke --seeds $(if $(filter file,$(origin SEEDS)),0,$(SEEDS)),--seeds $(SEEDS)) $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 
 clean:
 	rm -rf runs .pytest_cache
