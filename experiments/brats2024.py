@@ -49,30 +49,11 @@ def get_config(arg=None):
   c.data.phantom_shape = (96, 128, 112)
   c.data.cache_dir = ''
 
-  c.model.name = 'unet3d'
-  c.model.features = 8
-  c.model.depth = 3
-  c.model.groups = 4
-
-  c.fed.rounds = 60
-  c.fed.clients_per_round = 3
-  c.fed.local_steps = 4
-  c.fed.client_lr = 0.1
-  c.eval.every_rounds = 5
-  c.eval.batch_size = 8
-
-  c.privacy.mode = 'dp'
-  c.privacy.unit = 'patient'
-  c.privacy.calibrate = True
-  c.privacy.target_epsilon = 8.0
-  c.privacy.delta = 1e-5
-  c.privacy.batch_size = 8
-  c.privacy.clip_norm = 1.0
+  common.medical_task(c, model='unet3d', unit='patient', batch_size=8, eval_batch_size=8)
 
   if args.smoke:
-    # ~200 patients per site keep the DP noise low enough for WT, TC, ET and SNFH to rise within
-    # the smoke budget at ε = 8. NETC and RC are ~0.2% and ~0.4% of the phantom brain: they need
-    # 1.5 mm voxels and >100 local steps even without DP, so they stay flat in the smoke.
+    # ~200 patients per site keep the DP noise low enough for every region to rise within the
+    # smoke budget at ε = 8; NETC (~0.7% of the phantom brain) needs ~12 of the 20 rounds.
     c.data.phantom_cases = 1200  # time points; ~690 patients, the earliest one trains
     c.data.phantom_shape = (32, 48, 40)  # the default of `adpfl data make-phantoms`
     c.data.volume_shape = (8, 16, 16)

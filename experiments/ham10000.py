@@ -43,25 +43,7 @@ def get_config(arg=None):
   c.data.phantom_shape = (96, 128)
   c.data.cache_dir = ''
 
-  c.model.name = 'unet2d'
-  c.model.features = 8
-  c.model.depth = 3
-  c.model.groups = 4
-
-  c.fed.rounds = 60
-  c.fed.clients_per_round = 3
-  c.fed.local_steps = 4
-  c.fed.client_lr = 0.1
-  c.eval.every_rounds = 5
-  c.eval.batch_size = 64
-
-  c.privacy.mode = 'dp'
-  c.privacy.unit = 'lesion'
-  c.privacy.calibrate = True
-  c.privacy.target_epsilon = 8.0
-  c.privacy.delta = 1e-5
-  c.privacy.batch_size = 32
-  c.privacy.clip_norm = 1.0
+  common.medical_task(c, model='unet2d', unit='lesion', batch_size=32, eval_batch_size=64)
 
   if args.smoke:
     c.data.phantom_cases = 600

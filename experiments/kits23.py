@@ -48,25 +48,7 @@ def get_config(arg=None):
   c.data.phantom_shape = (48, 160, 160)
   c.data.cache_dir = ''
 
-  c.model.name = 'unet3d'
-  c.model.features = 8
-  c.model.depth = 3
-  c.model.groups = 4
-
-  c.fed.rounds = 60
-  c.fed.clients_per_round = 3
-  c.fed.local_steps = 4
-  c.fed.client_lr = 0.1
-  c.eval.every_rounds = 5
-  c.eval.batch_size = 8
-
-  c.privacy.mode = 'dp'
-  c.privacy.unit = 'patient'
-  c.privacy.calibrate = True
-  c.privacy.target_epsilon = 8.0
-  c.privacy.delta = 1e-5
-  c.privacy.batch_size = 4
-  c.privacy.clip_norm = 1.0
+  common.medical_task(c, model='unet3d', unit='patient', batch_size=4, eval_batch_size=8)
 
   if args.smoke:
     # Tuned so that every region (kidney_and_mass, mass, tumor) rises under DP at ε = 8: the
