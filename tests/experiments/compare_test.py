@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+from adpfl_jax import checkpointing
+
 _COMPARE = os.path.join(os.path.dirname(__file__), '..', '..', 'experiments', 'compare.py')
 
 
@@ -15,14 +17,8 @@ def _compare():
   return module
 
 
-def _flat(config, prefix=''):
-  out = {}
-  for key, value in config.items():
-    if hasattr(value, 'items'):
-      out.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      out[prefix + key] = value
-  return out
+def _flat(config):
+  return checkpointing.flatten_config(checkpointing.config_dict(config))
 
 
 def test_methods_share_everything_but_the_privacy_settings():
