@@ -4,7 +4,7 @@ r"""BraTS 2024 adult glioma MRI: DP-FL with a 3D U-Net over natural sites, (ε =
   adpfl data make-phantoms --task brats2024 --out /tmp/brats --cases 1200
   adpfl train --config=experiments/brats2024.py:smoke --config.data.dir=/tmp/brats --workdir=/tmp/b
 
-`config.data.dir` is the BraTS 2024 GLI release (datasets.md §3): the release folders
+`config.data.dir` is the BraTS 2024 GLI release (docs/datasets.md §3): the release folders
 (`training_data1_v2/`, `training_data_additional/`) of `BraTS-GLI-PPPPP-TTT/` cases with
 `-t1n/-t1c/-t2w/-t2f/-seg.nii.gz`, and the metadata sheet whose `Site` column (`site_column`) gives
 the natural clients (with `--config.data.num_clients=K` only the K largest sites are kept).

@@ -4,7 +4,7 @@ r"""HAM10000 skin-lesion segmentation: DP-FL with a 2D U-Net over natural sites,
   adpfl data make-phantoms --task ham10000 --out /tmp/ham --cases 600
   adpfl train --config=experiments/ham10000.py:smoke --config.data.dir=/tmp/ham --workdir=/tmp/h
 
-`config.data.dir` is the HAM10000 release (datasets.md §1): `HAM10000_images_part_{1,2}/`, the
+`config.data.dir` is the HAM10000 release (docs/datasets.md §1): `HAM10000_images_part_{1,2}/`, the
 Tschandl lesion masks `HAM10000_segmentations_lesion_tschandl/` and `HAM10000_metadata(.csv)`.
 Natural clients are the acquisition sources of the metadata `dataset` column (with
 `--config.data.num_clients=K` only the K largest are kept); 'iid' and 'dirichlet' (over the

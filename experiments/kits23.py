@@ -4,8 +4,8 @@ r"""KiTS23 kidney-tumour CT: DP-FL with a 3D U-Net over natural sites, (ε = 8, 
   adpfl data make-phantoms --task kits23 --out /tmp/kits --cases 489
   adpfl train --config=experiments/kits23.py:smoke --config.data.dir=/tmp/kits --workdir=/tmp/k
 
-`config.data.dir` is the KiTS23 repository (or its `dataset/` folder, datasets.md §2.1). Natural
-clients come from a `case,site_id` CSV (FLamby's `anony_sites.csv`, cases 0–299: pass it as
+`config.data.dir` is the KiTS23 repository (or its `dataset/` folder, docs/datasets.md §2.1).
+Natural clients come from a `case,site_id` CSV (FLamby's `anony_sites.csv`, cases 0–299: pass it as
 `--config.data.site_csv=...` or put it in the data folder; with `--config.data.num_clients=K` only
 the K largest sites are kept) or, without one, from the contrast phase by case number (arterial
 0–499, nephrogenic 500–588). Every case is resampled to `target_spacing`, clipped to the KiTS19

@@ -1,4 +1,4 @@
-"""BraTS 2024 adult glioma (BraTS-GLI) and BraTS 2021 readers (datasets.md §3).
+"""BraTS 2024 adult glioma (BraTS-GLI) and BraTS 2021 readers (docs/datasets.md §3).
 
 BraTS 2024 layout (one or more of the three release folders under `data_dir`)::
 
@@ -41,7 +41,7 @@ from adpfl_jax.data import nifti
 PathLike = str | os.PathLike
 
 RELEASE_FOLDERS = ('training_data1_v2', 'training_data_additional', 'validation_data')
-#: `Train/Test/Validation ` values per release folder (datasets.md §3.3).
+#: `Train/Test/Validation ` values per release folder (docs/datasets.md §3.3).
 RELEASE_SPLIT_VALUES = {
     'training_data1_v2': 'Train',
     'training_data_additional': 'Train-additional',
@@ -53,7 +53,7 @@ LABELS_2024 = {0: 'background', 1: 'NETC', 2: 'SNFH', 3: 'ET', 4: 'RC'}
 LABELS_2021 = {0: 'background', 1: 'NCR/NET', 2: 'ED', 4: 'ET'}
 #: BraTS 2021 label -> BraTS 2024 label.
 BRATS2021_TO_2024 = {0: 0, 1: 1, 2: 2, 4: 3}
-#: Evaluation regions in the 2024 label space (datasets.md §3.4).
+#: Evaluation regions in the 2024 label space (docs/datasets.md §3.4).
 REGIONS = {
     'WT': (1, 2, 3), 'TC': (1, 3), 'ET': (3,), 'NETC': (1,), 'SNFH': (2,), 'RC': (4,)
 }
@@ -104,7 +104,7 @@ class BratsCase:
 
 
 def patient_id(case_id: str) -> str:
-  """Patient prefix: 'BraTS-GLI-00005-101' -> 'BraTS-GLI-00005' (§3.1)."""
+  """Patient prefix: 'BraTS-GLI-00005-101' -> 'BraTS-GLI-00005' (docs/datasets.md §3.1)."""
   if _CASE_2024_RE.match(case_id):
     return case_id[:-4]
   return case_id

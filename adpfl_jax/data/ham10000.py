@@ -1,6 +1,6 @@
 """HAM10000 and ISIC 2018 Task 1 skin-lesion segmentation: reader, federation, phantoms.
 
-Supported on-disk layouts (datasets.md §1.2 and §1.6), detected automatically:
+Supported on-disk layouts (docs/datasets.md §1.1 and §1.5), detected automatically:
 
   HAM10000 (Harvard Dataverse doi:10.7910/DVN/DBW86T):
 
@@ -16,13 +16,13 @@ Supported on-disk layouts (datasets.md §1.2 and §1.6), detected automatically:
     ROOT/ISIC2018_Task1_{Training,Validation,Test}_GroundTruth/ISIC_XXXXXXX_segmentation.png
 
 Images are RGB JPEGs; masks are 8-bit PNGs with lesion = 255. Masks are decoded
-as greyscale and thresholded at > 127 (datasets.md §1.5). `load_example` returns
-the image as float32 in [0, 1] (uint8 / 255; datasets.md gives no other
+as greyscale and thresholded at > 127 (docs/datasets.md §1.4). `load_example` returns
+the image as float32 in [0, 1] (uint8 / 255; docs/datasets.md §1.4 gives no other
 intensity recipe for dermoscopy, so per-channel standardisation, if wanted, is
 left to the model input pipeline) and the mask as uint8 in {0, 1}.
 
 Natural clients are the metadata's `dataset` column (acquisition source,
-datasets.md §1.4). When it is absent (Kaggle copy, ISIC 2018) `load_federation`
+docs/datasets.md §1.3). When it is absent (Kaggle copy, ISIC 2018) `load_federation`
 falls back to a synthetic partition and says so in the summary.
 
 Typical use:
@@ -66,7 +66,7 @@ _IMAGE_RE = re.compile(r'^(ISIC_\d{7})\.jpe?g$', re.IGNORECASE)
 _MASK_RE = re.compile(r'^(ISIC_\d{7})_segmentation\.png$', re.IGNORECASE)
 _MISSING = ('', 'na', 'nan', 'none', 'null')
 
-# Real per-source class mix (datasets.md §1.4), used to draw phantom `dx`.
+# Real per-source class mix (docs/datasets.md §1.3), used to draw phantom `dx`.
 _DX_NAMES = ('nv', 'mel', 'bkl', 'bcc', 'akiec', 'vasc', 'df')
 _SITE_DX_COUNTS = {
     'vidir_molemax': (3720, 24, 124, 2, 0, 54, 30),
@@ -77,7 +77,8 @@ _SITE_DX_COUNTS = {
 _SITE_IMAGES = {'vidir_molemax': 3954, 'vidir_modern': 3363, 'rosendahl': 2259,
                 'vienna_dias': 439}
 _ALL_DX_COUNTS = (6705, 1113, 1099, 514, 327, 142, 115)
-_IMAGES_PER_LESION = (5514, 1423, 490, 34, 5, 4)  # lesions with 1..6 images (§1.3)
+# Lesions with 1..6 images (docs/datasets.md §1.2).
+_IMAGES_PER_LESION = (5514, 1423, 490, 34, 5, 4)
 _DX_TYPES = (('histo', 5340), ('follow_up', 3704), ('consensus', 902), ('confocal', 69))
 _SEXES = (('male', 5406), ('female', 4552), ('unknown', 57))
 _LOCALIZATIONS = (
@@ -715,7 +716,7 @@ def write_phantoms(
     metadata_ext: str = '.csv',
     with_dataset_column: bool = True,
 ) -> pathlib.Path:
-  """Writes HAM10000-like dermoscopy phantoms in the real on-disk layout (datasets.md §7.2).
+  """Writes HAM10000-like dermoscopy phantoms in the real on-disk layout (docs/datasets.md §6.2).
 
   HAM10000 layout: `cases` JPEGs split over HAM10000_images_part_1/ and _2/
   (consecutive image ids from ISIC_0024306, the first half in part 1), PNG masks
@@ -795,7 +796,7 @@ def write_phantoms(
     dx_counts = np.array(_SITE_DX_COUNTS.get(site, _ALL_DX_COUNTS), np.float64)
     dx = _DX_NAMES[int(rng.choice(len(_DX_NAMES), p=dx_counts / dx_counts.sum()))]
     shape = _lesion_shape(rng)
-    # Fixture checklist (datasets.md §7.1): one empty age, one sex 'unknown'.
+    # Fixture checklist (docs/datasets.md §6.1): one empty age, one sex 'unknown'.
     age = '' if lesion == min(1, len(sizes) - 1) else f'{5.0 * int(rng.integers(0, 18)):.1f}'
     sex = 'unknown' if lesion == len(sizes) - 1 else _weighted(rng, _SEXES[:2])
     localization = _weighted(rng, _LOCALIZATIONS)

@@ -1,4 +1,4 @@
-"""KiTS23 reader for the official on-disk layout (datasets.md §2).
+"""KiTS23 reader for the official on-disk layout (docs/datasets.md §2).
 
 Layout::
 
@@ -33,7 +33,7 @@ from adpfl_jax.data import nifti
 PathLike = str | os.PathLike
 
 LABELS = {0: 'background', 1: 'kidney', 2: 'tumor', 3: 'cyst'}
-#: Hierarchical evaluation classes (datasets.md §2.4).
+#: Hierarchical evaluation classes (docs/datasets.md §2.4).
 HECS = {'kidney_and_mass': (1, 2, 3), 'mass': (2, 3), 'tumor': (2,)}
 #: Rasterisation order: later labels overwrite earlier ones (tumor wins).
 LABEL_AGGREGATION_ORDER = (1, 3, 2)

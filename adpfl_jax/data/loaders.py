@@ -1,7 +1,8 @@
 """Federations of the real medical data sets: HAM10000, KiTS23 and BraTS 2024 (host-side NumPy).
 
-`load(data_cfg, seed)` turns a release folder in its official on-disk layout (datasets.md §1–3)
-into a `federated.FederatedData` of stacked, fixed-shape, channels-last arrays:
+`load(data_cfg, seed)` turns a release folder in its official on-disk layout
+(docs/datasets.md §1–3) into a `federated.FederatedData` of stacked, fixed-shape, channels-last
+arrays:
 
 =========  ===============================  ===========  =====  ===========  ==================
 name       example (channels last)          labels       task   num_classes  privacy record

@@ -207,7 +207,7 @@ def write_nifti(
 
   * `layout='kits23'`: array stored as (z, y, x); `qform_code 0`,
     `sform_code 2`, srow `[[0, 0, -px, 0], [0, -px, 0, 0], [-thick, 0, 0, 0]]`,
-    pixdim (thick, px, px), `scl_slope 1`, `scl_inter 0` (datasets.md §2.3).
+    pixdim (thick, px, px), `scl_slope 1`, `scl_inter 0` (docs/datasets.md §2.3).
   * `layout='ras'`: array stored as (x, y, z) with affine `diag(-x, -y, z)`,
     `qform_code = sform_code = 1` (BraTS-style, 1 mm diagonal for 1 mm data).
 

@@ -85,7 +85,7 @@ def natural(
     sites: site name of every example. `None` or empty entries are an error.
     groups: optional group id per example (e.g. `lesion_id`). A group found at
       several sites goes wholly to the site holding most of its examples (ties:
-      the alphabetically first site), as datasets.md §1.4 recommends.
+      the alphabetically first site), as docs/datasets.md §1.3 recommends.
 
   Returns:
     `{site: sorted example indices}`, ordered by site name.

@@ -1,7 +1,7 @@
 """Built-in in-memory synthetic dermoscopy federation (the default data of `adpfl_jax`).
 
 Every client ("site") is a simulated dermoscopy clinic with its own scanner and patient mix, in
-the spirit of the four HAM10000 acquisition sources (datasets.md §1.4, §7.2):
+the spirit of the four HAM10000 acquisition sources (docs/datasets.md §1.3, §6.3):
 
 * **Scene.** Textured skin (skin tone varying per patient, low-frequency luminance and redness
   variation plus fine pore-like noise), one irregular star-convex lesion per image whose radius is
@@ -101,7 +101,7 @@ _NOMINAL: dict[str, Any] = {
     'colour_gain': (1.015, 0.985, 0.985),
 }
 
-# Designed sites 0-3 (loosely after the HAM10000 sources, datasets.md §1.4).
+# Designed sites 0-3 (loosely after the HAM10000 sources, docs/datasets.md §1.3).
 _SITE_DESIGNS: tuple[dict[str, Any], ...] = (
     {
         'source_like': 'vidir_molemax',

@@ -1,7 +1,7 @@
 """Synthetic KiTS23-like CT and BraTS-like MRI written in the real on-disk layouts.
 
 The same readers (`kits23.scan`, `brats.scan`) run on these phantoms and on the
-real data (datasets.md §7.3, §7.4). Anatomy is drawn in normalised coordinates
+real data (docs/datasets.md §6.4, §6.5). Anatomy is drawn in normalised coordinates
 ([-1, 1] along each axis), so tiny shapes (e.g. 8 x 16 x 16) still contain
 every structure; the header spacing is what varies per site, as on real
 scanners.
@@ -257,7 +257,7 @@ _MR_TISSUE = {
     'brain': (0.60, 0.62, 0.45, 0.50),
     'csf': (0.15, 0.15, 1.00, 0.12),  # Ventricles: FLAIR suppresses free water.
     'snfh': (0.45, 0.50, 0.85, 0.95),  # Oedema-like halo: T2/FLAIR bright.
-    'rc': (0.12, 0.12, 1.00, 0.90),  # Resection cavity (datasets.md §7.4).
+    'rc': (0.12, 0.12, 1.00, 0.90),  # Resection cavity (docs/datasets.md §6.5).
     'et': (0.58, 1.30, 0.55, 0.65),  # Enhancing rim: T1c bright.
     'netc': (0.40, 0.22, 0.70, 0.60),  # Necrotic core: T1c dark.
 }
@@ -278,7 +278,7 @@ def brats_phantom(
 
   Channels t1n, t1c, t2w, t2f; background exactly 0. Labels 1 NETC (core), 2
   SNFH (irregular halo around ET and NETC), 3 ET (rim), 4 RC (cavity touching
-  the tumour), each with the contrast pattern of datasets.md §7.4.
+  the tumour), each with the contrast pattern of docs/datasets.md §6.5.
 
   Args:
     shape: (z, y, x).

@@ -3,12 +3,12 @@
 All arrays are (z, y, x) or channels-last (z, y, x, c); spacings in mm in the
 same order.
 
-CT (datasets.md §2.6): clip to a HU window and z-score with fixed constants
+CT (docs/datasets.md §2.6): clip to a HU window and z-score with fixed constants
 (default: the widely reused KiTS19 nnU-Net fingerprint, window [-79, 304] HU,
 mean 100.93, std 76.9), resample to a target spacing, crop or pad around the
 kidneys, and foreground-biased patch sampling for training.
 
-MRI (datasets.md §3.7): per-modality z-score over the brain (non-zero) voxels,
+MRI (docs/datasets.md §3.7): per-modality z-score over the brain (non-zero) voxels,
 0 outside; crop to the brain bounding box; 4-channel stacking.
 
 Randomness only through a NumPy `np.random.Generator` passed in.
@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-#: KiTS19 nnU-Net fingerprint constants (datasets.md §2.6).
+#: KiTS19 nnU-Net fingerprint constants (docs/datasets.md §2.6).
 KITS19_HU_WINDOW = (-79.0, 304.0)
 KITS19_MEAN = 100.93
 KITS19_STD = 76.9

@@ -67,7 +67,7 @@ class Kits23Config:
 
   Attributes:
     shape: fixed (z, y, x) output shape, cropped/padded around the kidneys.
-    target_spacing: resampling target in mm (datasets.md §2.6 CPU recipe).
+    target_spacing: resampling target in mm (docs/datasets.md §2.6 CPU recipe).
     hu_window: HU clip window.
     ct_mean: z-score mean (HU).
     ct_std: z-score std (HU).

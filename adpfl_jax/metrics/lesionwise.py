@@ -1,4 +1,4 @@
-"""BraTS lesion-wise Dice and HD95 (host-side NumPy/SciPy), after `datasets.md` §3.5.
+"""BraTS lesion-wise Dice and HD95 (host-side NumPy/SciPy), after `docs/datasets.md` §3.5.
 
 Per region (WT, TC, ET, NETC, SNFH, RC for BraTS 2024 GLI):
 

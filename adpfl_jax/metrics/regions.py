@@ -1,6 +1,6 @@
 """Evaluation regions from label maps and per-case / aggregate scoring (host-side NumPy).
 
-Tasks and regions (`datasets.md` §1.6, §2.4, §3.4):
+Tasks and regions (`docs/datasets.md` §1.5, §2.4, §3.4):
 
 | task          | label values                            | regions (labels)                |
 |---------------|-----------------------------------------|---------------------------------|

@@ -2,7 +2,7 @@
 
 This module re-implements the DeepMind `surface-distance` metrics
 (github.com/google-deepmind/surface-distance) and adds explicit, named conventions for empty
-masks, as documented in `datasets.md` §4.
+masks, as documented in `docs/datasets.md` §4.
 
 Surface representation (the DeepMind one, not border voxels):
 

@@ -1,7 +1,7 @@
 """Tests for adpfl_jax.data.ham10000 and adpfl_jax.data.tfds_ham10000.
 
-Every fixture is written to tmp_path in the real release layout (datasets.md §1.2,
-§1.6, §7.1); some are written by hand here, others by `write_phantoms`.
+Every fixture is written to tmp_path in the real release layout (docs/datasets.md §1.1,
+§1.5, §6.1); some are written by hand here, others by `write_phantoms`.
 """
 
 import pathlib

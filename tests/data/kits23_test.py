@@ -18,7 +18,7 @@ TINY = (8, 16, 16)
 
 
 def _header(path: pathlib.Path) -> dict:
-  """Dependency-free NIfTI-1 header parse (datasets.md §2.3 offsets)."""
+  """Dependency-free NIfTI-1 header parse (docs/datasets.md §2.3 offsets)."""
   raw = gzip.open(path).read() if path.suffix == '.gz' else path.read_bytes()
   assert struct.unpack('<i', raw[0:4])[0] == 348
   dim = struct.unpack('<8h', raw[40:56])

@@ -1,6 +1,6 @@
 """Tests for adpfl_jax.metrics.regions and adpfl_jax.metrics.lesionwise.
 
-Region definitions and tolerances come from datasets.md §2.4, §2.5, §3.4; lesion-wise rules from
+Region definitions and tolerances come from docs/datasets.md §2.4, §2.5, §3.4; lesion-wise rules from
 §3.5. Expected values are worked out by hand in the comments.
 """
 
@@ -91,7 +91,7 @@ def test_evaluate_case_kits_perfect_and_empty_rules():
   for region, values in result.items():
     assert values == {'dice': 1.0, 'iou': 1.0, 'hd95': 0.0, 'assd': 0.0, 'nsd': 1.0}, region
 
-  # No cyst anywhere, and the prediction misses the tumor: KiTS23 rules (datasets.md §2.5).
+  # No cyst anywhere, and the prediction misses the tumor: KiTS23 rules (docs/datasets.md §2.5).
   pred = truth.copy()
   pred[pred == 2] = 1
   result = regions.evaluate_case(pred, truth, (1.0, 0.8, 0.8), 'kits23', ['dice', 'nsd'])

@@ -1,7 +1,7 @@
 """Tests for adpfl_jax.metrics.surface.
 
-Oracles: the golden values of datasets.md §4.4 (DeepMind `surface-distance` tests), the empty-mask
-tables of datasets.md §4.1 / §4.3, closed-form surface areas of boxes, and a brute-force
+Oracles: the golden values of docs/datasets.md §4.4 (DeepMind `surface-distance` tests), the empty-mask
+tables of docs/datasets.md §4.1 / §4.3, closed-form surface areas of boxes, and a brute-force
 all-pairs implementation written here.
 """
 
@@ -15,7 +15,7 @@ from adpfl_jax.metrics import surface
 
 
 # ------------------------------------------------------------------------------------------------
-# Golden values, datasets.md §4.4.
+# Golden values, docs/datasets.md §4.4.
 # ------------------------------------------------------------------------------------------------
 
 
@@ -39,7 +39,7 @@ def test_two_points_golden_values(ndim):
   np.testing.assert_allclose(sd.distances_gt_to_pred, expected_d)
   np.testing.assert_allclose(sd.distances_pred_to_gt, expected_d)
   if ndim == 2:
-    # Every contour element is a half diagonal of a 2 x 1 mm cell (datasets.md §4.4).
+    # Every contour element is a half diagonal of a 2 x 1 mm cell (docs/datasets.md §4.4).
     size = 0.5 * math.sqrt(2.0**2 + 1.0**2)
   else:
     # One-corner triangle with area vector (1, 1, 1) / 8 in voxel units, scaled by cofactors.
@@ -93,7 +93,7 @@ def _blob(ndim):
 
 @pytest.mark.parametrize('ndim', [2, 3])
 def test_deepmind_empty_cases_match_official_table(ndim):
-  """datasets.md §4.1: raw DeepMind reductions with empty masks."""
+  """docs/datasets.md §4.1: raw DeepMind reductions with empty masks."""
   blob, empty = _blob(ndim), np.zeros((6,) * ndim, bool)
   spacing = (1.0,) * ndim
   nan = math.nan
@@ -122,7 +122,7 @@ def test_deepmind_empty_cases_match_official_table(ndim):
     assert surface.hd95(pred, gt, spacing) == hd95, name
 
 
-# Expected (both empty, one empty) per convention and metric, from datasets.md §2.5, §3.5, §4.3.
+# Expected (both empty, one empty) per convention and metric, from docs/datasets.md §2.5, §3.5, §4.3.
 _CONVENTION_TABLE = {
     'deepmind': {'dice': (math.nan, 0.0), 'iou': (math.nan, 0.0), 'nsd': (math.nan, 0.0),
                  'hd95': (math.inf, math.inf), 'hd': (math.inf, math.inf),
