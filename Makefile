@@ -7,10 +7,10 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu
 SMOKE ?=
 SEEDS ?= 0 1 2
 
-.PHONY: install demo test lint bench compare paper-table sweep clean help
+.PHONY: install demo test lint bench compare paper-table sweep audit clean help
 
 help:
-	@echo "make demo | test | install | lint | bench | compare | paper-table | sweep | clean"
+	@echo "make demo | test | install | lint | bench | compare | paper-table | sweep | audit | clean"
 
 $(STAMP): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "python >= 3.11 needed"'
@@ -39,6 +39,9 @@ compare: install
 
 sweep: install
 	$(BIN)/python experiments/sweep.py --out runs/sweep $(if $(SMOKE),--smoke,)
+
+audit: install
+	$(BIN)/python experiments/audit.py --out runs/audit $(if $(SMOKE),--smoke,)
 
 # SMOKE=1 runs seed 0 unless SEEDS is given (`make paper-table SMOKE=1 SEEDS="0 1 2"`).
 paper-table: install

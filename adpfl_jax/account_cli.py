@@ -17,11 +17,11 @@ steps / steps-per-round, and ``--noise-multiplier`` (or the calibrated value) is
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from typing import Any, Optional, Sequence
 
+from adpfl_jax import jsonio
 from adpfl_jax.privacy import accounting
 from adpfl_jax.privacy import schedules
 
@@ -161,7 +161,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except ValueError as err:
     print(f'{parser.prog}: error: {err}', file=sys.stderr)
     return 2
-  print(json.dumps(report) if args.json else _readable(report))
+  # Strict JSON: ε = ∞ (no noise) is written as null.
+  print(jsonio.dumps(report) if args.json else _readable(report))
   return 0
 
 

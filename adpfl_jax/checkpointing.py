@@ -52,6 +52,26 @@ def config_hash(config) -> str:
   return hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).hexdigest()[:16]
 
 
+# Sections that only decide what is evaluated, logged or saved, and keys that only choose how the
+# same function is executed (backends compute the same round): none changes what trains.
+_NOT_IDENTITY = ('eval.', 'log.', 'checkpoint.', 'fed.backend', 'fed.chunk_size',
+                 'fed.num_devices', 'model.fast_conv')
+
+
+def run_identity(config) -> int:
+  """A 64-bit identity of what a run trains: a hash of every config key except ``_NOT_IDENTITY``.
+
+  The run's secret randomness (DP noise, Poisson batches, audit canaries) is derived from
+  ``(seed, identity)``, so two runs that differ in any training key — sweep trials of one seed at
+  several ε, say — never share noise or batches, while a run and its resume, or a sweep trial and
+  the same config run alone, do.
+  """
+  flat = {k: v for k, v in flatten_config(config_dict(config)).items()
+          if not k.startswith(_NOT_IDENTITY)}
+  digest = hashlib.sha256(json.dumps(flat, sort_keys=True).encode()).digest()
+  return int.from_bytes(digest[:8], 'little')
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
   a, b = flatten_config(saved), flatten_config(current)
   keys = sorted(set(a) | set(b))

@@ -2,6 +2,7 @@
 
   adpfl train --config=experiments/quickstart.py[:arg] --workdir=DIR [--config.key=value ...]
   adpfl account --noise-multiplier 1.1 --sampling-rate 0.01 --steps 1000 --delta 1e-5 --json
+  adpfl audit --workdir=DIR [--significance 0.05] [--json]   (or --config=... to train audited)
   adpfl data make-phantoms --task ham10000 --out DIR --cases N
   adpfl data prepare --task kits23 --data-dir DIR --out DIR
 """
@@ -52,6 +53,9 @@ def run(argv=None) -> int:
   if cmd == 'account':
     from adpfl_jax import account_cli  # pylint: disable=g-import-not-at-top
     return account_cli.main(rest)
+  if cmd == 'audit':
+    from adpfl_jax import audit_cli  # pylint: disable=g-import-not-at-top
+    return audit_cli.main(rest)
   if cmd == 'data':
     from adpfl_jax import data_cli  # pylint: disable=g-import-not-at-top
     return data_cli.main(rest)

@@ -13,6 +13,8 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
+from adpfl_jax import jsonio
+
 
 def read_metrics(workdir: str) -> list[dict]:
   path = os.path.join(workdir, 'metrics.jsonl')
@@ -47,13 +49,13 @@ def summarise_run(workdir: str) -> dict:
       'dice': summary['dice'],
       'dice_per_region': summary.get('dice_per_region', {}),
       'dice_per_client': summary.get('dice_per_client', []),
-      'epsilon': summary['epsilon'],
+      'epsilon': jsonio.unbounded(summary['epsilon']),
       'delta': summary['delta'],
       'rounds': summary['rounds'],
       'rounds_to_95': rounds_to_fraction(rounds, dice),
       'dice_auc': float(np.mean(dice)),
       'curve': (rounds, dice),
-      'extra': {k: summary[k] for k in ('hd95', 'nsd') if k in summary},
+      'extra': {k: jsonio.unbounded(summary[k]) for k in ('hd95', 'nsd') if k in summary},
   }
 
 

@@ -65,6 +65,7 @@ from adpfl_jax import train
 from adpfl_jax.data import federated as fed_data
 from adpfl_jax.federated import backends
 from adpfl_jax.metrics import writers
+from adpfl_jax.privacy import accounting
 
 # Config keys whose values only reach the jitted round through state arrays or host bookkeeping.
 VARYING_KEYS = ('seed', 'privacy.target_epsilon', 'privacy.noise_multiplier', 'privacy.calibrate',
@@ -279,10 +280,10 @@ def run_group(trainers: Sequence[train.Trainer], *, trial_axis: str = 'auto',
     t._resume(None, path)  # fresh start: config.json
     t.plan.print_header(t.data.client_names, rounds)
     t._nonfinite = set()
+    t._speed = train._Throughput()
   states = put(stack_trees([t.initial_state for t in trainers] + [lead.initial_state] * pad))
   live = np.ones(n, bool)
   stopped = ['completed'] * n
-  examples = [0] * n
   last_eval = [None] * n
   last_m = [None] * n
   last_inputs = [None] * n
@@ -294,6 +295,7 @@ def run_group(trainers: Sequence[train.Trainer], *, trial_axis: str = 'auto',
       stack.callback(_close_tb, t)
     upcoming = _plans(trainers, live, 0)
     for r in range(rounds):
+      t_round = time.time()
       plans = upcoming
       for i in range(n):
         if plans[i] is not None:
@@ -303,8 +305,8 @@ def run_group(trainers: Sequence[train.Trainer], *, trial_axis: str = 'auto',
       for i, t in enumerate(trainers):
         if not live[i]:
           continue
-        clients = plans[i][1]
-        blocked = t.plan.would_exceed(r, clients, z_next[i, :len(clients)])
+        _, clients, ran = plans[i]
+        blocked = t.plan.would_exceed(r, clients, z_next[i, :len(clients)], ran)
         if blocked is not None:
           stopped[i] = (f'budget: round {r} would take silo {blocked} past the target '
                         f'ε={t.plan.target_epsilon} at δ={t.plan.delta}')
@@ -324,12 +326,14 @@ def run_group(trainers: Sequence[train.Trainer], *, trial_axis: str = 'auto',
         _, clients, ran = plans[i]
         mi = {k: np.asarray(v)[i] for k, v in m.items()}
         last_m[i] = mi
-        t.plan.record_round(clients, np.asarray(mi['noise_multiplier'])[:len(clients)],
-                            int(t.config.fed.local_steps), steps_per_client=ran)
-        examples[i] += int(np.sum(mi['examples']))
+        t.plan.record_round(r, clients, np.asarray(mi['noise_multiplier'])[:len(clients)], ran)
         ok = np.asarray(mi['client_update_finite'])[:len(clients)]
         t._nonfinite.update(int(c) for c, good, s in zip(clients, ok, ran)
                             if s > 0 and not good)
+        if t.audit_scores is not None:
+          t.audit_scores.add(clients, np.where(ok, ran, 0),
+                             np.asarray(mi['canary_scores'])[:len(clients)])
+        t._speed.add(time.time() - t_round, t._expected_examples(clients, ran))
         if not finite[i]:
           stopped[i] = f'non-finite global model at round {r}'
           live[i] = False
@@ -338,14 +342,13 @@ def run_group(trainers: Sequence[train.Trainer], *, trial_axis: str = 'auto',
           if host_states is None:
             host_states = jax.device_get(states)
           last_eval[i] = t._log(files[i], r + 1, take_tree(host_states, i), mi, clients,
-                                examples[i], t_start)
+                                t_start)
     summaries = []
     host_states = jax.device_get(states)
     for i, t in enumerate(trainers):
       state = take_tree(host_states, i)
       if last_eval[i] is None or last_eval[i]['round'] != int(state.round):
-        last_eval[i] = t._log(files[i], int(state.round), state, last_m[i], None,
-                              examples[i], t_start)
+        last_eval[i] = t._log(files[i], int(state.round), state, last_m[i], None, t_start)
       t.final_state = state
       summaries.append(t._summary(last_eval[i], int(state.round), stopped[i],
                                   time.time() - t_start))
@@ -361,6 +364,32 @@ def _close_tb(trainer: train.Trainer) -> None:
   if trainer._tb is not None:
     trainer._tb.close()
     trainer._tb = None
+
+
+def composed_epsilons(workdirs: Sequence[str], delta: float) -> list[float]:
+  """ε per silo that covers releasing EVERY trial of a sweep (their ledgers composed).
+
+  Each trial's ε covers that trial's releases alone. Trials of one sweep train on the same silos,
+  so publishing several of them (a frontier) is a composition of all their mechanisms; with keys
+  and batches drawn from each trial's own identity (``checkpointing.run_identity``) the trials are
+  independent mechanisms and their ledgers compose. Composed with RDP (a sum of vectors: cheap for
+  many distinct σ, and an upper bound); PLD when a ledger holds steps RDP cannot account.
+  """
+  per_silo: list = []
+  for workdir in workdirs:
+    with open(os.path.join(workdir, 'ledger.json')) as f:
+      ledgers = [accounting.Ledger.from_dict(d) for d in json.load(f)]
+    for k, ledger in enumerate(ledgers):
+      if k == len(per_silo):
+        per_silo.append([])
+      per_silo[k].extend(ledger.runs)
+  out = []
+  for runs in per_silo:
+    laplace = any(s.mechanism == 'laplace' and s.sampling_rate < 1 for s, _ in runs)
+    total = accounting.Ledger('pld' if laplace else 'rdp')
+    total.extend(runs)
+    out.append(float(total.epsilon(delta)))
+  return out
 
 
 def grid_configs(make_config: Callable[[str, int], object], methods: Sequence[str],

@@ -20,6 +20,7 @@ import numpy as np
 import tqdm
 
 from adpfl_jax import checkpointing
+from adpfl_jax import jsonio
 from adpfl_jax import losses
 from adpfl_jax import models
 from adpfl_jax import validation
@@ -31,6 +32,7 @@ from adpfl_jax.federated import server
 from adpfl_jax.metrics import dice as dice_lib
 from adpfl_jax.metrics import regions as metrics_regions
 from adpfl_jax.metrics import writers
+from adpfl_jax.privacy import audit as audit_lib
 from adpfl_jax.privacy import controller as controller_lib
 from adpfl_jax.privacy import plan as plan_lib
 
@@ -50,6 +52,7 @@ class Trainer:
   def __init__(self, config, workdir: str, data: fed_data.FederatedData | None = None):
     validation.validate(config)
     self._nonfinite = set()
+    self._speed = _Throughput()
     self._tb = None
     self.config = config
     self.workdir = workdir
@@ -76,6 +79,8 @@ class Trainer:
     self.loss_fn = loss_fn
     params = self.model.init(jax.random.key(config.seed))
     self.param_count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+    # The run's secret randomness (noise, batches, canaries) comes from (seed, identity).
+    self._set_identity(checkpointing.run_identity(config))
     self.controller = controller_lib.make(config.privacy, config.fed, self.data.sizes,
                                           self.plan.rates, self.plan.noise_scale,
                                           self.param_count)
@@ -88,13 +93,28 @@ class Trainer:
         loss_fn=loss_fn, private=self.plan.private, mechanism=config.privacy.mechanism,
         momentum=float(config.fed.client_momentum),
         sparsify=self.controller.sparsity != 'none', aux=self.controller.aux,
-        loss_cap=float(config.privacy.adaptive_noise.loss_cap))
+        loss_cap=float(config.privacy.adaptive_noise.loss_cap), audit=self.audit is not None,
+        canary_scale=float(config.privacy.clip_norm))
     self.noise_fn = jax.jit(lambda c, ids: self.controller.client_dp(c, ids)[1])
     self.round = server.build_round(self.client_cfg, self.tx, self.controller, self.backend,
                                     chunk_size=int(config.fed.chunk_size), mesh=self.mesh)
-    self.initial_state = server.init_state(params, self.tx, self.controller, config.seed)
+    self.initial_state = server.init_state(params, self.tx, self.controller, config.seed,
+                                           self.identity)
     self.evaluator = dice_lib.make_evaluator(apply_fn, list(self.regions.values()),
                                              int(config.eval.batch_size))
+
+  def _set_identity(self, identity: int) -> None:
+    """The run's secret randomness: Poisson batches and audit canaries from (seed, identity)."""
+    cfg = self.config
+    self.identity = int(identity)
+    self.entropy = (int(cfg.seed), self.identity)
+    self.audit = None
+    if cfg.privacy.audit.enabled:
+      self.audit = audit_lib.AuditPlan.make(
+          seed=int(cfg.seed), identity=self.identity, num_clients=self.data.num_clients,
+          param_count=self.param_count, canaries=int(cfg.privacy.audit.canaries),
+          rates=self.plan.rates, scale=float(cfg.privacy.clip_norm))
+    self.audit_scores = audit_lib.AuditScores(self.audit) if self.audit is not None else None
 
   # --------------------------------------------------------------------------------------------
   def round_inputs(self, round_: int):
@@ -106,7 +126,7 @@ class Trainer:
     clients = sampling.participating_clients(cfg.seed, round_, self.data.num_clients,
                                              int(cfg.fed.clients_per_round))
     steps = int(cfg.fed.local_steps)
-    idx, mask, _ = sampling.round_plan(cfg.seed, round_, clients, self.data.sizes,
+    idx, mask, _ = sampling.round_plan(self.entropy, round_, clients, self.data.sizes,
                                        self.plan.rates, steps, self.plan.max_batch)
     fc = cfg.faults
     faults = sampling.fault_plan(
@@ -114,11 +134,15 @@ class Trainer:
         straggler_fraction=float(fc.straggler_fraction),
         straggler_min_steps=int(fc.straggler_min_steps), nan_clients=_int_list(fc.nan_clients))
     weights = np.where(faults.dropped, 0.0, self.data.sizes[clients]).astype(np.float32)
-    arrays = self._pad_clients(clients, idx, mask, weights, faults.active, faults.poison)
-    ids, idx, mask, weights, active, poison = arrays
-    inputs = server.RoundInputs(client_ids=jnp.asarray(ids), indices=jnp.asarray(idx),
-                                mask=jnp.asarray(mask), weights=jnp.asarray(weights),
-                                active=jnp.asarray(active), poison=jnp.asarray(poison))
+    canaries = ()
+    if self.audit is not None:
+      canaries = self.audit.round_arrays(round_, clients, steps)
+    arrays = self._pad_clients(clients, idx, mask, weights, faults.active, faults.poison,
+                               *canaries)
+    ids, idx, mask, weights, active, poison, *canaries = [jnp.asarray(a) for a in arrays]
+    inputs = server.RoundInputs(client_ids=ids, indices=idx, mask=mask, weights=weights,
+                                active=active, poison=poison,
+                                **dict(zip(('canary_index', 'canary_mask'), canaries)))
     return inputs, clients, faults.active.sum(1).astype(np.int64)
 
   def _pad_clients(self, clients, *arrays):
@@ -164,7 +188,25 @@ class Trainer:
       got = ckpt.restore_latest(self.initial_state)
       if got is not None:
         step, state, host = got
-        self.plan.load_host_state(host['plan'])
+        old = np.asarray(state.controller.noise_scale, np.float64)
+        try:
+          scales = self.plan.load_host_state(host['plan'], step, old, same_config=not diff)
+        except ValueError as err:
+          raise validation.ConfigError(str(err)) from err
+        if not np.array_equal(np.float32(scales), np.float32(old)):
+          # A forced resume under another plan: the remaining rounds run at the recalibrated
+          # noise, so the run still lands on (never above) the target.
+          state = state.replace(controller=state.controller.replace(
+              noise_scale=jnp.asarray(scales, jnp.float32)))
+          tqdm.tqdm.write('Forced resume: noise scale per silo recalibrated for the remaining '
+                          'rounds from ' + ', '.join(f'{a:.4g}' for a in old) + ' to '
+                          + ', '.join(f'{b:.4g}' for b in scales))
+        if int(host.get('identity', self.identity)) != self.identity:
+          # A forced resume keeps the randomness the run started with (its noise key is in the
+          # checkpoint; batches and canaries follow the same identity).
+          self._set_identity(int(host['identity']))
+        if self.audit is not None and 'audit' in host:
+          self.audit_scores.load(host['audit'])
         _truncate_metrics(metrics_path, step)
         tqdm.tqdm.write(f'Resumed from round {step} ({ckpt.directory}).')
         return state, host
@@ -173,11 +215,15 @@ class Trainer:
       os.remove(metrics_path)
     with open(cfg_path, 'w') as f:
       f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-    return self.initial_state, {'examples': 0, 'wall': 0.0}
+    return self.initial_state, {'wall': 0.0}
 
-  def _host_state(self, examples, wall):
-    return {'plan': self.plan.host_state(), 'examples': examples, 'wall': wall,
-            'config_hash': checkpointing.config_hash(self.config)}
+  def _host_state(self, wall):
+    host = {'plan': self.plan.host_state(), 'wall': wall,
+            'config_hash': checkpointing.config_hash(self.config),
+            'identity': str(self.identity)}
+    if self.audit is not None:
+      host['audit'] = self.audit_scores.state()
+    return host
 
   def surface_evaluate(self, params, max_cases: int | None = None) -> dict:
     """Challenge-style metrics on the pooled test split: per region Dice, HD95, NSD (host).
@@ -215,6 +261,7 @@ class Trainer:
     every = int(cfg.checkpoint.every_rounds)
     ckpt = checkpointing.Checkpointer(self.workdir, int(cfg.checkpoint.keep)) if every else None
     metrics_path = os.path.join(self.workdir, 'metrics.jsonl')
+    self._set_identity(checkpointing.run_identity(cfg))
     state, host = self._resume(ckpt, metrics_path)
     start = int(state.round)
     data_x = jnp.asarray(self.data.train_x)
@@ -223,22 +270,23 @@ class Trainer:
     if start == 0:
       self.plan.print_header(self.data.client_names, rounds)
     t_start = time.time() - float(host['wall'])
-    examples = int(host['examples'])
     stopped = 'completed'
     last_eval = _last_row(metrics_path, start)
     m = None
     interrupted = _SignalFlag()
     self._nonfinite = set()
+    self._speed = _Throughput()
     self._tb = writers.TensorBoardWriter(self.workdir) if cfg.eval.tensorboard else None
     bar = tqdm.tqdm(range(start, rounds), desc='rounds', disable=not cfg.log.progress,
                     file=sys.stdout, dynamic_ncols=True, initial=start, total=rounds)
     try:
       with open(metrics_path, 'a') as mf:
         for r in bar:
+          t_round = time.time()
           inputs, clients, ran = self.round_inputs(r)
           z_next = np.asarray(self.noise_fn(state.controller, jnp.asarray(inputs.client_ids)),
                               np.float64)[:len(clients)]
-          blocked = self.plan.would_exceed(r, clients, z_next)
+          blocked = self.plan.would_exceed(r, clients, z_next, ran)
           if blocked is not None:
             stopped = (f'budget: round {r} would take silo {blocked} past the target '
                        f'ε={self.plan.target_epsilon} at δ={self.plan.delta}')
@@ -246,12 +294,15 @@ class Trainer:
             break
           state, m = self.round.step(state, data_x, data_y, inputs)
           m = jax.device_get(m)
-          self.plan.record_round(clients, np.asarray(m['noise_multiplier'])[:len(clients)],
-                                 int(cfg.fed.local_steps), steps_per_client=ran)
-          examples += int(np.sum(m['examples']))
+          self.plan.record_round(r, clients, np.asarray(m['noise_multiplier'])[:len(clients)],
+                                 ran)
           ok = np.asarray(m['client_update_finite'])[:len(clients)]
           self._nonfinite.update(int(c) for c, good, s in zip(clients, ok, ran)
                                  if s > 0 and not good)
+          if self.audit_scores is not None:
+            self.audit_scores.add(clients, np.where(ok, ran, 0),
+                                  np.asarray(m['canary_scores'])[:len(clients)])
+          self._speed.add(time.time() - t_round, self._expected_examples(clients, ran))
           if not np.all(np.isfinite(jax.tree_util.tree_leaves(
               jax.tree_util.tree_map(lambda a: np.isfinite(np.asarray(a)).all(),
                                      state.params)))):
@@ -259,10 +310,10 @@ class Trainer:
             tqdm.tqdm.write(stopped)
             break
           if (r + 1) % int(cfg.eval.every_rounds) == 0 or r + 1 == rounds:
-            last_eval = self._log(mf, r + 1, state, m, clients, examples, t_start)
+            last_eval = self._log(mf, r + 1, state, m, clients, t_start)
             bar.set_postfix(dice=f"{last_eval['dice']:.3f}", eps=f"{last_eval['epsilon']:.2f}")
           if ckpt is not None and ((r + 1) % every == 0 or r + 1 == rounds or interrupted.set):
-            ckpt.save(r + 1, state, self._host_state(examples, time.time() - t_start))
+            ckpt.save(r + 1, state, self._host_state(time.time() - t_start))
           if interrupted.set:
             stopped = f'interrupted by signal {interrupted.signum} after round {r + 1}'
             tqdm.tqdm.write(f'{stopped}; checkpoint saved, rerun the same command to resume.')
@@ -276,17 +327,25 @@ class Trainer:
         ckpt.close()
     if last_eval is None or last_eval['round'] != int(state.round):
       with open(metrics_path, 'a') as mf:
-        last_eval = self._log(mf, int(state.round), state, m, None, examples, t_start)
+        last_eval = self._log(mf, int(state.round), state, m, None, t_start)
     self.final_state = state
     return self._summary(last_eval, int(state.round), stopped, time.time() - t_start)
 
-  def _log(self, mf, round_, state, m, clients, examples, t_start):
+  def _expected_examples(self, clients, ran) -> float:
+    """Examples a round processes in expectation: Σ q_k·n_k × steps run — public quantities only
+    (the realised Poisson counts are private and never leave the round)."""
+    return float(np.sum(self.plan.rates[clients] * self.plan.sizes[clients] * ran))
+
+  def _release_raw_loss(self) -> bool:
+    """The raw training loss is not covered by ε: released in DP runs only on explicit request."""
+    return not self.plan.private or bool(self.config.log.raw_train_loss)
+
+  def _log(self, mf, round_, state, m, clients, t_start):
     ev = self.evaluate(state.params)
     eps = self.plan.epsilons()
     wall = time.time() - t_start
     row = {
         'round': round_,
-        'train_loss': float(m['train_loss']) if m is not None else None,
         **ev,
         'epsilon': float(np.max(eps)),
         'epsilon_per_client': [float(e) for e in eps],
@@ -295,9 +354,11 @@ class Trainer:
         'accountant': self.plan.accountant,
         'clip_norm': [float(c) for c in np.asarray(state.controller.clip)],
         'noise_multiplier': self.plan.current_noise(),
-        'examples_per_second': examples / max(wall, 1e-9),
+        **self._speed.report(),
         'wall_seconds': wall,
     }
+    if m is not None and self._release_raw_loss():
+      row['train_loss'] = float(m['train_loss'])
     if m is not None:
       # Clients whose update was non-finite since the last evaluation: excluded from the
       # aggregate, still charged for the steps they ran.
@@ -310,7 +371,7 @@ class Trainer:
     spent = self.plan.spent_epsilons()
     if spent is not None:
       row['epsilon_spent_rdp'] = [float(e) for e in spent]
-    mf.write(json.dumps(row) + '\n')
+    mf.write(jsonio.dumps(row) + '\n')
     mf.flush()
     if self._tb is not None:
       self._tb.write(row)
@@ -332,22 +393,32 @@ class Trainer:
         'privacy_mode': self.config.privacy.mode,
         'clip_mode': self.controller.mode,
         'accountant': self.plan.accountant,
-        'target_epsilon': self.plan.target_epsilon,
+        'target_epsilon': self.plan.target_epsilon if self.plan.private else None,
         'noise_multiplier': self.plan.current_noise(),
         'rounds': rounds,
         'backend': self.backend,
         'wall_seconds': wall,
         'stopped_reason': stopped,
         'epsilon_is_valid': self.plan.valid_guarantee,
+        # Data-dependent numbers written out WITHOUT noise, hence not covered by ε.
+        'unprivatized_outputs': (['train_loss'] if self.plan.private and
+                                 self._release_raw_loss() else []),
     }
     if surface:
       summary['surface_metrics'] = surface  # region → {dice, hd95 (mm), nsd}
       summary['hd95'] = float(np.nanmean([v['hd95'] for v in surface.values()]))
       summary['nsd'] = float(np.nanmean([v['nsd'] for v in surface.values()]))
-    with open(os.path.join(self.workdir, 'summary.json'), 'w') as f:
-      json.dump(summary, f, indent=2)
-    with open(os.path.join(self.workdir, 'ledger.json'), 'w') as f:
-      json.dump(self.plan.ledgers_json(), f)
+    if self.audit is not None:
+      audit = audit_lib.report(self.audit_scores, eps, self.plan.delta,
+                               float(self.config.privacy.audit.significance),
+                               self.data.client_names)
+      jsonio.write(os.path.join(self.workdir, 'audit.json'), audit, indent=2)
+      audit_lib.save_scores(os.path.join(self.workdir, 'audit_scores.npz'), self.audit_scores,
+                            eps, self.plan.delta, self.data.client_names)
+      summary['epsilon_lower_bound'] = audit['epsilon_lower_bound']
+      summary['audit_consistent'] = audit['consistent']
+    jsonio.write(os.path.join(self.workdir, 'summary.json'), summary, indent=2)
+    jsonio.write(os.path.join(self.workdir, 'ledger.json'), self.plan.ledgers_json())
     return summary
 
 
@@ -376,6 +447,35 @@ def _last_row(path: str, round_: int):
   with open(path) as f:
     rows = [json.loads(line) for line in f if line.strip()]
   return rows[-1] if rows and rows[-1]['round'] == round_ else None
+
+
+class _Throughput:
+  """Seconds per round and expected examples per second since the last report.
+
+  The first round after a (re)start is left out: it includes compilation.
+  """
+
+  def __init__(self):
+    self._seen = 0
+    self._seconds = 0.0
+    self._examples = 0.0
+    self._rounds = 0
+
+  def add(self, seconds: float, expected_examples: float) -> None:
+    self._seen += 1
+    if self._seen == 1:
+      return
+    self._seconds += seconds
+    self._examples += expected_examples
+    self._rounds += 1
+
+  def report(self) -> dict:
+    if not self._rounds:
+      return {'seconds_per_round': None, 'examples_per_second': None}
+    out = {'seconds_per_round': self._seconds / self._rounds,
+           'examples_per_second': self._examples / self._seconds}
+    self._seconds, self._examples, self._rounds = 0.0, 0.0, 0
+    return out
 
 
 class _SignalFlag:

@@ -87,6 +87,10 @@ def validate(config) -> None:
   _choice(config, 'privacy.sparsity.mode', ('none', 'random', 'topk_prev'))
   _check(0 < p.sparsity.fraction <= 1, 'privacy.sparsity.fraction', p.sparsity.fraction,
          'must be in (0, 1]')
+  au = p.audit
+  _check(au.canaries >= 1, 'privacy.audit.canaries', au.canaries, 'must be >= 1')
+  _check(0 < au.significance < 0.5, 'privacy.audit.significance', au.significance,
+         'must be in (0, 0.5)')
   _check(f.rounds >= 1, 'fed.rounds', f.rounds, 'must be >= 1')
   _check(f.local_steps >= 1, 'fed.local_steps', f.local_steps, 'must be >= 1')
   _check(f.clients_per_round >= 1, 'fed.clients_per_round', f.clients_per_round, 'must be >= 1')

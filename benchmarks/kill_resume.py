@@ -5,8 +5,8 @@
 The same tiny DP-FL run is trained twice: once uninterrupted, once killed with SIGKILL after a
 random round (possibly while a checkpoint is being written) and resumed by re-running the same
 command, ``--kills`` times in a row. Then: final params must be bit-identical, ``metrics.jsonl``
-identical (timing fields aside), the ledgers identical, and ε never above the target. Exits 1 on
-any difference.
+identical (timing fields aside), the ledgers and the privacy audit (``audit.json``, canary scores
+accumulated across resumes) identical, and ε never above the target. Exits 1 on any difference.
 """
 
 from __future__ import annotations
@@ -32,8 +32,9 @@ OVERRIDES = [
     '--config.eval.every_rounds=1', '--config.checkpoint.every_rounds=1',
     '--config.checkpoint.keep=2', '--config.log.progress=False',
     '--config.privacy.clip_mode=quantile', '--config.privacy.quantile.count_std_fraction=0.5',
+    '--config.privacy.audit.enabled=True', '--config.privacy.audit.canaries=200',
 ]
-TIMING = ('wall_seconds', 'examples_per_second')
+TIMING = ('wall_seconds', 'examples_per_second', 'seconds_per_round')
 
 
 def command(workdir):
@@ -113,6 +114,9 @@ def main(argv=None):
   ledgers = [json.load(open(os.path.join(d, 'ledger.json'))) for d in (ref, killed)]
   if ledgers[0] != ledgers[1]:
     problems.append('ledgers differ')
+  audits = [json.load(open(os.path.join(d, 'audit.json'))) for d in (ref, killed)]
+  if audits[0] != audits[1]:
+    problems.append('audit.json differs')
   summaries = [json.load(open(os.path.join(d, 'summary.json'))) for d in (ref, killed)]
   for s in summaries:
     if s['epsilon'] > s['target_epsilon']:

@@ -100,15 +100,14 @@ def run_vectorized(trainers, data_x, data_y, rounds, axis, shard):
     plans = upcoming
     inputs = put(sweep.stack_trees([p[0] for p in plans] + [plans[0][0]] * pad))
     z = np.asarray(noise(states.controller, inputs.client_ids), np.float64)
-    for i, (t, (_, clients, _)) in enumerate(zip(trainers, plans)):
-      if t.plan.would_exceed(r, clients, z[i, :len(clients)]) is not None:
+    for i, (t, (_, clients, ran)) in enumerate(zip(trainers, plans)):
+      if t.plan.would_exceed(r, clients, z[i, :len(clients)], ran) is not None:
         raise RuntimeError('benchmark trials must not hit their budget')
     states, m, _ = step(states, live, data_x, data_y, inputs)
     upcoming = [t.round_inputs(r + 1) for t in trainers]  # overlaps the step, as run_group does
     m = jax.device_get(m)
     for i, (t, (_, clients, ran)) in enumerate(zip(trainers, plans)):
-      t.plan.record_round(clients, np.asarray(m['noise_multiplier'][i])[:len(clients)],
-                          int(t.config.fed.local_steps), steps_per_client=ran)
+      t.plan.record_round(r, clients, np.asarray(m['noise_multiplier'][i])[:len(clients)], ran)
     times.append(time.perf_counter() - t0)
   return times[0], times[1:]
 
@@ -122,12 +121,11 @@ def run_sequential(trainers, data_x, data_y, rounds):
       t0 = time.perf_counter()
       inputs, clients, ran = t.round_inputs(r)
       z = np.asarray(t.noise_fn(state.controller, inputs.client_ids), np.float64)
-      if t.plan.would_exceed(r, clients, z[:len(clients)]) is not None:
+      if t.plan.would_exceed(r, clients, z[:len(clients)], ran) is not None:
         raise RuntimeError('benchmark trials must not hit their budget')
       state, m = t.round.step(state, data_x, data_y, inputs)
       m = jax.device_get(m)
-      t.plan.record_round(clients, np.asarray(m['noise_multiplier'])[:len(clients)],
-                          int(t.config.fed.local_steps), steps_per_client=ran)
+      t.plan.record_round(r, clients, np.asarray(m['noise_multiplier'])[:len(clients)], ran)
       per_round[r] += time.perf_counter() - t0
   # Column 0 holds the compiling call plus N - 1 steady-state trial-rounds.
   return per_round[0], list(per_round[1:])

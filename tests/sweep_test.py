@@ -16,7 +16,7 @@ from adpfl_jax.configs import default
 from adpfl_jax.data import federated
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
-TIMING = ('wall_seconds', 'examples_per_second')
+TIMING = ('wall_seconds', 'examples_per_second', 'seconds_per_round')
 ROUNDS = 3
 
 
@@ -146,6 +146,35 @@ def test_trial_over_budget_freezes_while_other_continues(runs):
   rows_b = _rows(tb.workdir)
   assert max(r['round'] for r in rows_b) == sb['rounds']
   assert len(_rows(ta.workdir)) == ROUNDS
+
+
+def test_trials_of_one_seed_draw_independent_noise_and_batches(data, tmp_path):
+  # Review finding: trials of one seed at several ε shared their noise key and Poisson batches, so
+  # a linear combination of two released first-round updates could cancel the noise.
+  a = train.Trainer(tiny(0, 20.0), str(tmp_path / 'a'), data=data)
+  b = train.Trainer(tiny(0, 50.0), str(tmp_path / 'b'), data=data)
+  again = train.Trainer(tiny(0, 20.0), str(tmp_path / 'c'), data=data)
+  assert not np.array_equal(np.asarray(a.initial_state.key), np.asarray(b.initial_state.key))
+  plans = [t.round_inputs(0)[0] for t in (a, b, again)]
+  assert not np.array_equal(np.asarray(plans[0].indices), np.asarray(plans[1].indices))
+  # The same trial (alone, resumed, or inside a sweep) keeps its randomness.
+  np.testing.assert_array_equal(np.asarray(a.initial_state.key),
+                                np.asarray(again.initial_state.key))
+  np.testing.assert_array_equal(np.asarray(plans[0].indices), np.asarray(plans[2].indices))
+  # Model initialisation is public and stays shared by seed.
+  for x, y in zip(jax.tree_util.tree_leaves(a.initial_state.params),
+                  jax.tree_util.tree_leaves(b.initial_state.params)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_composed_epsilon_of_a_sweep_covers_all_trials(runs):
+  _, vec, _ = runs
+  (ta, sa), (tb, sb) = vec['vmap']
+  total = sweep.composed_epsilons([ta.workdir, tb.workdir], 1e-5)
+  assert len(total) == ta.data.num_clients
+  for k, eps in enumerate(total):
+    assert eps >= max(sa['epsilon_per_client'][k], sb['epsilon_per_client'][k])
+    assert eps <= sa['epsilon_per_client'][k] + sb['epsilon_per_client'][k] + 1e-6
 
 
 def test_grid_configs_cells():

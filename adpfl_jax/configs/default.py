@@ -103,6 +103,13 @@ def get_config() -> ml_collections.ConfigDict:
   c.privacy.sparsity.mode = 'none'  # none | random (public randomness) | topk_prev (last global update)
   c.privacy.sparsity.fraction = 0.5  # fraction of coordinates kept
 
+  # Empirical privacy audit (privacy/audit.py): one-run audit with gradient canaries per silo;
+  # writes audit.json and an ε lower bound next to the accounted ε in summary.json.
+  c.privacy.audit = ml_collections.ConfigDict()
+  c.privacy.audit.enabled = False
+  c.privacy.audit.canaries = 1000  # per silo, each included with probability 1/2
+  c.privacy.audit.significance = 0.05  # lower bound at 95% confidence
+
   c.eval = ml_collections.ConfigDict()
   c.eval.every_rounds = 10
   c.eval.batch_size = 64
@@ -123,4 +130,8 @@ def get_config() -> ml_collections.ConfigDict:
 
   c.log = ml_collections.ConfigDict()
   c.log.progress = True
+  # Write the raw training loss of DP runs to metrics.jsonl/TensorBoard. It is computed from the
+  # silos' data without noise, so it is NOT covered by ε (summary.json lists it then under
+  # unprivatized_outputs). Non-private runs always write it.
+  c.log.raw_train_loss = False
   return c

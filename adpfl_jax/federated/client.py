@@ -5,8 +5,8 @@ step is: per-example gradients (``vmap(grad)``), clip to C, masked sum, one nois
 raveled parameter vector, division by the *expected* batch size ``q·n`` (public), then the client
 optimizer (SGD with optional momentum, restarted every round). Adaptive clipping's count query
 (Andrew et al. 2021) runs on the same sample: Σ(1[‖g_i‖ ≤ C] − ½) + N(0, σ_b²), normalised by the
-expected batch. Only noised quantities leave the client; the diagnostic training loss is returned
-for logging and is never fed back into training.
+expected batch. Only noised quantities leave the client; the raw training loss is returned as a
+diagnostic that never steers training and is written out only on request (``log.raw_train_loss``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,10 @@ class ClientDP(NamedTuple):
   expected_batch: jax.Array  # q·n, public
   lr: jax.Array  # client learning rate
   sparsity_mask: jax.Array  # flat 0/1 mask over parameters (public randomness or public info)
+  # Privacy audit (``privacy/audit.py``), None when off: the (m,) coordinates of this silo's
+  # canaries and the (steps, m) 0/1 plan of which included canaries each step samples.
+  canary_index: jax.Array | None = None
+  canary_mask: jax.Array | None = None
 
 
 class ClientConfig(NamedTuple):
@@ -54,6 +58,8 @@ class ClientConfig(NamedTuple):
   sparsify: bool = False
   aux: tuple = ()
   loss_cap: float = 2.0
+  audit: bool = False  # add the planned gradient canaries (``privacy/audit.py``)
+  canary_scale: float = 1.0  # canary gradient norm where no clip applies (non-private runs)
 
 
 def aux_size(cfg: 'ClientConfig', grid_size: int) -> int:
@@ -84,16 +90,21 @@ def client_update(cfg: ClientConfig, params: PyTree, xb: jax.Array, yb: jax.Arra
   flat0, unravel = ravel_pytree(params)
   # C = ∞ with z = 0 must not give ∞·0 = NaN.
   noise_scale = jnp.where(dp.noise_grad > 0, dp.noise_grad * dp.clip, 0.0)
+  canary_scale = jnp.where(jnp.isfinite(dp.clip), dp.clip, cfg.canary_scale)
 
   def step(carry, inputs):
     p_in, opt_in = carry
     p, opt_state = carry
-    x, y, m, k, on = inputs
+    x, y, m, k, on, canaries = inputs
     k_noise, k_count = jax.random.split(k)
     losses, grads = clipping.per_example_grads(cfg.loss_fn, p, x, y)
     summed, stats = clipping.clip_and_sum(grads, m, dp.clip, norm)
     flat, _ = ravel_pytree(summed)
     realised = jnp.sum(stats.valid)
+    if cfg.audit:
+      # Each sampled canary is a record whose clipped gradient is C on its own coordinate,
+      # added before the noise like every record's (privacy/audit.py).
+      flat = flat.at[dp.canary_index].add(canaries * canary_scale)
     if cfg.sparsify:
       # A public mask (public randomness, or already-released information), applied to the
       # clipped sum: masking cannot increase its norm, so the sensitivity stays C.
@@ -111,22 +122,23 @@ def client_update(cfg: ClientConfig, params: PyTree, xb: jax.Array, yb: jax.Arra
     p = jax.tree_util.tree_map(lambda a, u: a - dp.lr * u, p, updates)
     loss = jnp.sum(jnp.where(stats.valid > 0, losses, 0.0)) / jnp.maximum(realised, 1.0)
     keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(on > 0, a, b), new, old)
-    return keep((p, opt_state), (p_in, opt_in)), (aux, loss * on, realised * on, on)
+    return keep((p, opt_state), (p_in, opt_in)), (aux, loss * on, on)
 
   keys = jax.random.split(key, steps)
   if active is None:
     active = jnp.ones((steps,), jnp.float32)
-  (p_final, _), (auxs, losses, realised, ran) = jax.lax.scan(
-      step, (params, tx.init(params)), (xb, yb, mask, keys, active))
+  canaries = dp.canary_mask if cfg.audit else jnp.zeros((steps,), jnp.float32)
+  (p_final, _), (auxs, losses, ran) = jax.lax.scan(
+      step, (params, tx.init(params)), (xb, yb, mask, keys, active, canaries))
   n_ran = jnp.maximum(jnp.sum(ran), 1.0)
   flat_final, _ = ravel_pytree(p_final)
   delta = unravel(flat_final - flat0)
   report = {
       # Privatized (noised) statistics: may steer the controller.
       'aux': jnp.sum(auxs * ran[:, None], axis=0) / n_ran,
-      # Diagnostics: logged only, never fed back into training.
+      # The raw (un-noised) training loss: a diagnostic that never steers training and is only
+      # written out when ``log.raw_train_loss`` asks for it (it is not covered by ε).
       'train_loss': jnp.sum(losses) / n_ran,
-      'examples': jnp.sum(realised),
   }
   return delta, report
 

@@ -2,7 +2,11 @@
 
 Everything is a pure function of ``(seed, round, client)`` via NumPy ``SeedSequence`` entropy, so a
 run replays exactly and can be resumed from any round. The plan is data-independent: it depends on
-the public, configured client sizes only.
+the public, configured client sizes only. Which clients take part is public (the guarantee is per
+record inside a silo); which *examples* a step uses is secret randomness of the DP mechanism, so
+Poisson batches are drawn from the run's ``entropy`` = ``(seed, identity)``, where ``identity``
+(``checkpointing.run_identity``) hashes the whole training config: two runs that differ in
+anything (e.g. sweep trials of one seed at several ε) never share their batches.
 
 Poisson sampling inside a client is realised as fixed-size padded index arrays plus masks (static
 shapes for jit). The array holds ``max_batch`` slots, chosen as ``ceil(m + k·sd)`` where
@@ -10,8 +14,9 @@ shapes for jit). The array holds ``max_batch`` slots, chosen as ``ceil(m + k·sd
 ``max_batch`` (probability about 3e-5 per step for k = 4), a uniformly random subset of
 ``max_batch`` of the drawn examples is kept: this is *truncated* Poisson sampling, and the ledger
 accounts it as such (``TruncatedSubsampledGaussianDpEvent``, arXiv 2508.15089) whenever truncation
-is possible (``max_batch < n``), so the reported ε stays an upper bound. With
-``max_batch_sigmas=inf`` the array holds the whole client and nothing is ever truncated.
+is possible for the client or its add-one neighbour (``max_batch <= n``), so the reported ε stays
+an upper bound. With ``max_batch_sigmas=inf`` the array holds n + 1 slots and nothing is ever
+truncated.
 """
 
 from __future__ import annotations
@@ -37,11 +42,18 @@ def participating_clients(seed: int, round_: int, num_clients: int,
 
 
 def max_batch_size(n: int, q: float, sigmas: float = 4.0) -> int:
-  """Slots of the padded Poisson batch for a client of ``n`` examples sampled at rate ``q``."""
+  """Slots of the padded Poisson batch for a client of ``n`` examples sampled at rate ``q``.
+
+  At most ``n + 1``: that many slots hold every draw of the client *and* of its add-one
+  neighbour (n + 1 records), so nothing can be truncated and the ledger accounts plain Poisson
+  sampling (``sigmas=inf`` always gives ``n + 1``). A size of exactly n would still truncate the
+  neighbour's draws (accounted, but costly when q is large).
+  """
   if not math.isfinite(sigmas):
-    return int(n)
+    return int(n) + 1
   m = n * q
-  return int(min(n, max(1, math.ceil(m + sigmas * math.sqrt(n * q * (1.0 - q))))))
+  size = math.ceil(m + sigmas * math.sqrt(n * q * (1.0 - q)))
+  return int(n) + 1 if size >= n else max(1, size)
 
 
 class BatchPlan(NamedTuple):
@@ -53,10 +65,13 @@ class BatchPlan(NamedTuple):
   truncated: int  # how many steps were truncated
 
 
-def poisson_plan(seed: int, round_: int, client: int, n: int, q: float, steps: int,
+def poisson_plan(entropy, round_: int, client: int, n: int, q: float, steps: int,
                  max_batch: int) -> BatchPlan:
-  """Poisson-samples ``steps`` batches (rate ``q``) from ``n`` examples into ``max_batch`` slots."""
-  rng = np.random.default_rng([seed, round_, client, _EXAMPLES])
+  """Poisson-samples ``steps`` batches (rate ``q``) from ``n`` examples into ``max_batch`` slots.
+
+  ``entropy``: the run's secret sampling entropy, an int or a tuple of ints (``(seed, identity)``).
+  """
+  rng = np.random.default_rng([*_words(entropy), round_, client, _EXAMPLES])
   indices = np.zeros((steps, max_batch), np.int32)
   mask = np.zeros((steps, max_batch), np.float32)
   drawn = np.zeros(steps, np.int64)
@@ -72,10 +87,14 @@ def poisson_plan(seed: int, round_: int, client: int, n: int, q: float, steps: i
   return BatchPlan(indices, mask, drawn, truncated)
 
 
-def round_plan(seed: int, round_: int, clients: np.ndarray, sizes: np.ndarray,
+def _words(entropy) -> list[int]:
+  return [int(e) for e in entropy] if isinstance(entropy, (tuple, list)) else [int(entropy)]
+
+
+def round_plan(entropy, round_: int, clients: np.ndarray, sizes: np.ndarray,
                rates: np.ndarray, steps: int, max_batch: int):
   """Stacked plans for the participating ``clients``: indices/masks of shape (M, steps, B)."""
-  plans = [poisson_plan(seed, round_, int(c), int(sizes[c]), float(rates[c]), steps, max_batch)
+  plans = [poisson_plan(entropy, round_, int(c), int(sizes[c]), float(rates[c]), steps, max_batch)
            for c in clients]
   return (np.stack([p.indices for p in plans]), np.stack([p.mask for p in plans]),
           sum(p.truncated for p in plans))

@@ -50,14 +50,19 @@ def server_optimizer(fed_cfg) -> optax.GradientTransformation:
 
 
 def init_state(params: PyTree, tx: optax.GradientTransformation,
-               controller: controller_lib.Controller, seed: int) -> ServerState:
+               controller: controller_lib.Controller, seed: int,
+               identity: int = 0) -> ServerState:
+  """Round 0. The noise key is derived from ``(seed, identity)``: runs that differ in anything
+  (``checkpointing.run_identity``) draw independent noise even with the same seed."""
+  key = jax.random.key(seed)
+  for word in (identity >> 32, identity & 0xFFFFFFFF):
+    key = jax.random.fold_in(key, word)
   return ServerState(round=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     controller=controller.init(),
-                     key=jax.random.key_data(jax.random.key(seed)))
+                     controller=controller.init(), key=jax.random.key_data(key))
 
 
 class RoundInputs(NamedTuple):
-  """Host-built plan of one round (see ``sampling.py``)."""
+  """Host-built plan of one round (see ``sampling.py``; canaries: ``privacy/audit.py``)."""
 
   client_ids: jax.Array  # (M,) int32; padding clients repeat an id and have weight 0
   indices: jax.Array  # (M, steps, B) int32 example indices
@@ -65,11 +70,19 @@ class RoundInputs(NamedTuple):
   weights: jax.Array  # (M,) float32 aggregation weights (public sizes; 0 for padding clients)
   active: jax.Array  # (M, steps) float32: 1 for local steps a client runs (fault injection)
   poison: jax.Array  # (M,) float32: 1 for clients whose update is replaced by NaN (fault test)
+  canary_index: jax.Array | None = None  # (M, m) int32 audit canary coordinates, or None
+  canary_mask: jax.Array | None = None  # (M, steps, m) float32 sampled included canaries
 
 
 def _gather(data_x, data_y, inputs: RoundInputs):
   ids = inputs.client_ids[:, None, None]
   return data_x[ids, inputs.indices], data_y[ids, inputs.indices]
+
+
+def _with_canaries(dp: client_lib.ClientDP, inputs: RoundInputs) -> client_lib.ClientDP:
+  if inputs.canary_index is None:
+    return dp
+  return dp._replace(canary_index=inputs.canary_index, canary_mask=inputs.canary_mask)
 
 
 def _client_keys(state: ServerState, client_ids):
@@ -111,8 +124,11 @@ def _finish(state, tx, controller, inputs, deltas, reports, z_total, dp):
       'noise_multiplier_grad': dp.noise_grad,
       'aux': reports['aux'],
       'noise_adapt': ctrl.adapt,
-      'examples': reports['examples'],
   }
+  if dp.canary_index is not None:
+    # The audit's scores: each client's released update at its canary coordinates, negated
+    # (an included canary pushes its coordinate down). Post-processing of released updates.
+    metrics['canary_scores'] = -jnp.take_along_axis(flat, dp.canary_index, axis=1)
   new_state = state.replace(round=state.round + 1, params=params, opt_state=opt_state,
                             controller=ctrl)
   return new_state, metrics
@@ -138,6 +154,7 @@ def build_round(cfg: client_lib.ClientConfig, tx, controller: controller_lib.Con
     def round_fn(state, data_x, data_y, inputs):
       xb, yb = _gather(data_x, data_y, inputs)
       dp, z_total = controller.client_dp(state.controller, inputs.client_ids)
+      dp = _with_canaries(dp, inputs)
       keys = _client_keys(state, inputs.client_ids)
       deltas, reports = mapped(state.params, xb, yb, inputs.mask, dp, keys, inputs.active)
       return _finish(state, tx, controller, inputs, deltas, reports, z_total, dp)
@@ -153,6 +170,7 @@ def build_round(cfg: client_lib.ClientConfig, tx, controller: controller_lib.Con
   def prepare(state, data_x, data_y, inputs):
     xb, yb = _gather(data_x, data_y, inputs)
     dp, z_total = controller.client_dp(state.controller, inputs.client_ids)
+    dp = _with_canaries(dp, inputs)
     return xb, yb, dp, z_total, _client_keys(state, inputs.client_ids)
 
   finish = jax.jit(lambda state, inputs, deltas, reports, z_total, dp: _finish(

@@ -4,9 +4,9 @@ Unit and relation. Each silo (hospital) runs DP-SGD on its own records and keeps
 ``Ledger``. Every local step is one Poisson-subsampled mechanism: each record joins the batch
 independently with probability ``q``, the clipped per-record contributions are summed and noised
 with multiplier ``z`` (Gaussian noise for an L2 clip, Laplace noise for an L1 clip; see
-privacy.md §6.3). The neighbouring relation is ``ADD_OR_REMOVE_ONE`` only: ``REPLACE_ONE`` is
+docs/privacy.md §6.4). The neighbouring relation is ``ADD_OR_REMOVE_ONE`` only: ``REPLACE_ONE`` is
 rejected because dp-accounting's RDP and PLD accountants disagree on its sensitivity
-(privacy.md §1.3).
+(docs/privacy.md §1.3).
 
 All privacy arithmetic comes from dp-accounting (0.6.0): RDP vectors are computed by
 ``dp_accounting.rdp.RdpAccountant`` and converted with
@@ -22,26 +22,34 @@ with the same arguments). This module only caches and adds things that are exact
   grouping equal specs that are not consecutive is exact (up to float rounding, ~1e-10).
   Cost: one PLD construction + ``self_compose`` per new (spec, count) and one convolution per
   distinct spec per query. With 50 distinct σ at the default 1e-4 discretisation a query costs
-  seconds; take online decisions with RDP or a coarse discretisation (privacy.md §3).
+  seconds; take online decisions with RDP or a coarse discretisation (docs/privacy.md §3.2).
 
 Truncated Poisson batches. Clients realise a Poisson sample as a padded array of fixed size B; if
 a draw exceeds B, a uniformly random subset of size B is kept. Adding a record can then displace
 another one, so plain Poisson accounting would under-report. dp-accounting 0.6.0 describes this
 with ``TruncatedSubsampledGaussianDpEvent(dataset_size, sampling_probability,
-truncated_batch_size, noise_multiplier)`` (arXiv 2508.15089):
+truncated_batch_size, noise_multiplier)`` (arXiv 2508.15089), where ``dataset_size`` is the size
+of the dataset that *contains* the differing record:
 
-* ``PLDAccountant`` supports it: it builds the mixture, with weight
-  ``p = P[Binom(N - 1, q) ≥ B]`` (the other records alone fill the batch), of a REPLACE_ONE
-  subsampled Gaussian at the conditional inclusion probability, and weight ``1 - p`` of the usual
-  add/remove subsampled Gaussian. The PLD ledger uses that event as is.
+* The neighbours of a silo with n records are the dataset without one record (n − 1; the pair's
+  larger dataset has n records) and the dataset with one more record (n + 1). Both pairs must be
+  covered. A ``StepSpec`` stores the silo's own size n (``dataset_size``) and builds the event with
+  N = n + 1, the add-one pair: its truncation weight ``p = P[Binom(N - 1, q) ≥ B]`` is the larger
+  of the two and ε grows with it (checked numerically over a grid of our settings in
+  ``tests/privacy/accounting_test.py``). Truncation is possible as soon as B ≤ n (B < N): a padded
+  batch of exactly n slots still truncates the add-one neighbour.
+* ``PLDAccountant`` supports the event: it builds the mixture, with weight p (the other records
+  alone fill the batch), of a REPLACE_ONE subsampled Gaussian at the conditional inclusion
+  probability, and weight ``1 - p`` of the usual add/remove subsampled Gaussian. The PLD ledger
+  uses that event as is.
 * ``RdpAccountant`` does not support it (``supports()`` is False). The RDP ledger therefore uses
   an honest total-variation fallback: run the same randomness through the truncated sampler and
   the untruncated Poisson sampler; their transcripts differ only if some step's draw exceeds B,
-  which for any neighbour (at most N + 1 records) has probability at most
-  ``η = Σ_steps P[Binom(N + 1, q) > B]``. If the Poisson run is (ε, δ_P)-DP, the truncated run is
+  which for any neighbour (at most n + 1 records) has probability at most
+  ``η = Σ_steps P[Binom(n + 1, q) > B]``. If the Poisson run is (ε, δ_P)-DP, the truncated run is
   (ε, δ_P + η(1 + e^ε))-DP. ``Ledger.epsilon(δ)`` returns the least ε with
   ``ε ≥ ε_Poisson(δ - η(1 + e^ε))`` (a monotone fixed point, iterated), or ∞ if no δ is left.
-  Size B a few standard deviations above qN and η is negligible (e.g. 1e-12); if B is tight,
+  Size B a few standard deviations above qn and η is negligible (e.g. 1e-12); if B is tight,
   use ``accountant='pld'``. Truncation is only defined for the Gaussian mechanism.
 
 Public noise schedules and calibration: ``calibrate_scale`` (generic: a function from a scale s
@@ -159,7 +167,7 @@ def check_neighboring_relation(relation: Any) -> NeighboringRelation:
     raise ValueError(
         'neighboring_relation=REPLACE_ONE is not supported: dp-accounting 0.6.0 doubles the '
         'sensitivity for REPLACE_ONE in PLD but not in RDP, so RDP can under-report ε by about 4x '
-        '(google/differential-privacy #378, privacy.md §1.3). Use ADD_OR_REMOVE_ONE with Poisson '
+        '(google/differential-privacy #378, docs/privacy.md §1.3). Use ADD_OR_REMOVE_ONE with Poisson '
         'sampling.')
   if relation != NeighboringRelation.ADD_OR_REMOVE_ONE:
     raise ValueError(f'neighboring_relation must be ADD_OR_REMOVE_ONE, got {relation!r}')
@@ -179,8 +187,11 @@ class StepSpec:
       0 means no noise (ε = inf).
     mechanism: 'gaussian' or 'laplace'.
     truncated_batch_size: if set, the sampler keeps a random subset of this size when a Poisson
-      draw is larger (padded fixed-size batches); requires ``dataset_size``.
-    dataset_size: the silo's (public) number of records N; only used with truncation.
+      draw is larger (padded fixed-size batches); requires ``dataset_size``. A value above
+      ``dataset_size`` can never truncate (not even the add-one neighbour) and means plain
+      Poisson sampling.
+    dataset_size: the silo's (public) number of records n; only used with truncation. The
+      accountant covers both neighbours, n − 1 and n + 1 records (module docstring).
   """
 
   sampling_rate: float
@@ -203,7 +214,11 @@ class StepSpec:
     if b is not None:
       setattr_('truncated_batch_size', _as_int(b, 'truncated_batch_size', 1))
       setattr_('dataset_size', _as_int(n, 'dataset_size', 1))
-      if self.mechanism != 'gaussian':
+      if self.truncated_batch_size > self.dataset_size:
+        # Even the add-one neighbour (n + 1 records) fits: plain Poisson sampling.
+        setattr_('truncated_batch_size', None)
+        setattr_('dataset_size', None)
+      elif self.mechanism != 'gaussian':
         raise ValueError(
             f'truncated_batch_size={b!r} with mechanism={self.mechanism!r}: truncated Poisson '
             'sampling is only accounted for the Gaussian mechanism (dp-accounting has no '
@@ -218,8 +233,13 @@ class StepSpec:
     return self.truncated_batch_size is not None
 
   @property
+  def neighbour_size(self) -> Optional[int]:
+    """Records in the larger dataset of the worst neighbouring pair: n + 1 (the add-one pair)."""
+    return None if self.dataset_size is None else self.dataset_size + 1
+
+  @property
   def truncation_probability(self) -> float:
-    """Upper bound on P[a Poisson draw from any neighbour (≤ N + 1 records) exceeds B]."""
+    """Upper bound on P[a Poisson draw from any neighbour (≤ n + 1 records) exceeds B]."""
     if self.truncated_batch_size is None:
       return 0.0
     return _truncation_probability(self.sampling_rate, self.truncated_batch_size,
@@ -256,7 +276,7 @@ def step_event(spec: StepSpec) -> dp_accounting.DpEvent:
   z, q = spec.noise_multiplier, spec.sampling_rate
   if spec.is_truncated:
     return dp_accounting.TruncatedSubsampledGaussianDpEvent(
-        dataset_size=spec.dataset_size, sampling_probability=q,
+        dataset_size=spec.neighbour_size, sampling_probability=q,
         truncated_batch_size=spec.truncated_batch_size, noise_multiplier=z)
   inner = (dp_accounting.GaussianDpEvent(z) if spec.mechanism == 'gaussian'
            else dp_accounting.LaplaceDpEvent(z))
@@ -273,8 +293,8 @@ def make_step_event(sampling_rate: float, noise_multiplier: float, mechanism: st
   * ``PoissonSampledDpEvent(q, GaussianDpEvent(z))`` (or ``LaplaceDpEvent``) for q < 1;
   * the bare ``GaussianDpEvent(z)`` / ``LaplaceDpEvent(z)`` for q = 1 (sampling every record is
     no sampling; this also lets RDP account Laplace without subsampling);
-  * ``TruncatedSubsampledGaussianDpEvent(dataset_size, q, truncated_batch_size, z)`` when the
-    sampler truncates oversized Poisson draws (PLD only in dp-accounting 0.6.0; the RDP ledger
+  * ``TruncatedSubsampledGaussianDpEvent(dataset_size + 1, q, truncated_batch_size, z)`` when the
+    sampler can truncate oversized Poisson draws of the add-one neighbour (PLD only in dp-accounting 0.6.0; the RDP ledger
     uses the total-variation fallback described in the module docstring);
   * ``NonPrivateDpEvent()`` for z = 0 (ε = inf in both accountants).
 
@@ -339,7 +359,7 @@ def _run_pld(spec: StepSpec, count: int, discretization: float) -> pld_lib.Priva
   rel = NeighboringRelation.ADD_OR_REMOVE_ONE
   if spec.is_truncated:
     pld = pld_lib.from_truncated_subsampled_gaussian_mechanism(
-        dataset_size=spec.dataset_size, sampling_probability=q,
+        dataset_size=spec.neighbour_size, sampling_probability=q,
         truncated_batch_size=spec.truncated_batch_size, noise_multiplier=z,
         value_discretization_interval=discretization, neighboring_relation=rel)
   elif spec.mechanism == 'gaussian':
@@ -596,7 +616,7 @@ def quantize_noise(noise_multiplier: float, grid: Union[float, Sequence[float]])
   cached RDP vectors / PLDs are reused and runs merge. Recording ``quantize_noise(z, grid)`` while
   the device adds noise with multiplier ``z`` is conservative: a smaller accounted σ gives a
   larger ε, so the ledger over-reports by at most the grid resolution and never under-reports.
-  (Rounding *up* or to nearest could under-report; privacy.md §3.) Alternatively run the device
+  (Rounding *up* or to nearest could under-report; docs/privacy.md §3.2.) Alternatively run the device
   with the quantised value itself, which makes the ledger exact.
 
   Args:
@@ -922,7 +942,7 @@ class RdpFilter:
   stop earlier.
 
   Only RDP-accountable steps are allowed (Gaussian, or Laplace with q = 1; untruncated, or
-  truncation impossible). There is no general PLD filter (privacy.md §5.4).
+  truncation impossible). There is no general PLD filter (docs/privacy.md §5.3).
 
   Args:
     target_epsilon: ε budget, > 0.

@@ -41,7 +41,7 @@ randomness (a key derived from the public seed and the round, independent of dat
 keeps the k largest coordinates of the previous *global* update, which was already released with
 DP (post-processing). The mask multiplies the clipped sum and the noise, so sensitivity stays C.
 A top-k of the raw private gradient is not offered: its support is data-dependent and would be
-released without noise (privacy.md §6.4).
+released without noise (docs/privacy.md §6.5).
 """
 
 from __future__ import annotations
@@ -217,6 +217,13 @@ def make(privacy_cfg, fed_cfg, sizes: np.ndarray, rates: np.ndarray, noise_scale
         sparsity_mask=mask)
     return dp, z_total
 
+  def set_clip(clip, ids, valid, new):
+    """``clip[ids] = new`` for valid clients only. Invalid entries (padding clients that repeat a
+    real id, clients that did not report) are dropped from the scatter, so a duplicate index can
+    never overwrite a real client's update."""
+    return clip.at[jnp.where(valid, ids, num_clients)].set(
+        jnp.clip(new, clip_min, clip_max), mode='drop')
+
   def update(state: ControllerState, ids, reports, valid, weights, global_update):
     """Next state from privatized reports; ``valid`` (M,) marks clients that reported."""
     clip = state.clip
@@ -227,7 +234,7 @@ def make(privacy_cfg, fed_cfg, sizes: np.ndarray, rates: np.ndarray, noise_scale
       b = a[:, col]
       col += 1
       new = clip[ids] * jnp.exp(-float(qc.lr) * (b - float(qc.target)))
-      clip = clip.at[ids].set(jnp.where(valid, jnp.clip(new, clip_min, clip_max), clip[ids]))
+      clip = set_clip(clip, ids, valid, new)
     if mode == 'percentile':
       cdf = a[:, col:col + len(grid)]
       col += len(grid)
@@ -236,7 +243,7 @@ def make(privacy_cfg, fed_cfg, sizes: np.ndarray, rates: np.ndarray, noise_scale
                          grid_j[-1])
       mom = float(pc.smoothing)
       new = jnp.exp(mom * jnp.log(clip[ids]) + (1 - mom) * jnp.log(target))
-      clip = clip.at[ids].set(jnp.where(valid, jnp.clip(new, clip_min, clip_max), clip[ids]))
+      clip = set_clip(clip, ids, valid, new)
     adapt, best, stall = state.adapt, state.best_loss, state.stall
     if adaptive:
       w = jnp.where(valid, weights, 0.0)

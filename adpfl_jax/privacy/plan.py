@@ -28,7 +28,7 @@ from adpfl_jax.privacy import schedules
 
 class _QuietRdpSeries(logging.Filter):
   """dp-accounting logs every fractional RDP order it drops (a conservative exclusion) — often
-  hundreds of lines per run at small σ (privacy.md §2.10); keep one line per process instead."""
+  hundreds of lines per run at small σ (docs/privacy.md §2.6); keep one line per process instead."""
 
   seen = False
 
@@ -65,9 +65,9 @@ def _rdp_batch_size(n: int, q: float, steps: int, target_epsilon: float, delta: 
   m = n * q
   sd = math.sqrt(max(n * q * (1 - q), 1e-12))
   b = max(1, math.ceil(m))
-  while b < n and accounting.StepSpec(q, 1.0, 'gaussian', b, n).truncation_probability > budget:
+  while b <= n and accounting.StepSpec(q, 1.0, 'gaussian', b, n).truncation_probability > budget:
     b += max(1, int(sd // 4))
-  return min(b, n)
+  return min(b, n + 1)  # n + 1 slots: not even the add-one neighbour can truncate
 
 
 class PrivacyPlan:
@@ -97,8 +97,7 @@ class PrivacyPlan:
     self.ledgers = [accounting.Ledger(accountant=accountant) for _ in range(k)] if private else []
     self._eps_cache: dict = {}
     self._last_noise = [0.0] * k
-    self._off_plan = False
-    self._rounds_recorded = 0
+    self._on_plan = np.ones(k, bool)  # silo k's ledger equals its planned prefix
     self._limits = np.full(k, np.inf)
     self.adaptive = False
     self.filters = []
@@ -122,8 +121,9 @@ class PrivacyPlan:
     planned_steps = participation.sum(0) * steps
     adaptive = private and bool(p.adaptive_noise.enabled)
     if adaptive or (private and p.mechanism == 'laplace'):
-      # The RDP filter and the Laplace events need batches that can never be truncated.
-      max_batch = int(sizes.max())
+      # The RDP filter and the Laplace events need batches that can never be truncated, not
+      # even for the add-one neighbour of the largest silo.
+      max_batch = int(sizes.max()) + 1
     elif private and p.accountant == 'rdp':
       max_batch = max(_rdp_batch_size(int(n), float(q), int(t), p.target_epsilon, p.delta)
                       for n, q, t in zip(sizes, rates, planned_steps))
@@ -162,7 +162,7 @@ class PrivacyPlan:
   def spec(self, k: int, z: float) -> accounting.StepSpec:
     """The ledger entry of one local step of silo ``k`` with total noise multiplier ``z``."""
     n = int(self.sizes[k])
-    truncated = self.max_batch < n
+    truncated = self.max_batch <= n  # the add-one neighbour (n + 1 records) may overflow
     if self.quantize and z > 0:
       # Many distinct σ (a schedule) would make every ledger query slow; rounding the accounted
       # σ DOWN onto a fine geometric grid keeps it cheap and only ever over-reports ε.
@@ -175,10 +175,12 @@ class PrivacyPlan:
   def _client_rounds(self, k):
     return np.flatnonzero(self.participation[:, k])
 
-  def _planned_specs(self, k, scale, upto=None):
-    """(spec, count) runs of silo k's planned ledger over rounds < upto."""
+  def _planned_specs(self, k, scale, upto=None, start=0):
+    """(spec, count) runs of silo k's planned ledger over rounds in [start, upto)."""
     runs = []
     for r in self._client_rounds(k):
+      if r < start:
+        continue
       if upto is not None and r >= upto:
         break
       z = float(np.float32(scale) * np.float32(self._shape(np.asarray([r]))[0]))
@@ -251,49 +253,54 @@ class PrivacyPlan:
     shape = np.float32(self._shape(np.asarray([round_]))[0])
     return np.array([float(np.float32(self.noise_scale[k]) * shape) for k in clients])
 
-  def would_exceed(self, round_: int, clients, z_next):
+  def would_exceed(self, round_: int, clients, z_next, steps) -> int | None:
     """Silo that round ``round_`` would take past the target (None if none, or no budget stop).
 
-    While the run follows its public plan, the first exceeding round of every silo was computed
-    up front (``_round_limits``); off plan (noise that differs from the planned schedule) the
-    candidate ledger is evaluated directly.
+    Judges the step that will actually run — its total noise multiplier ``z_next`` (from the
+    controller state the round will use) and its step count ``steps`` (per client, or one int) —
+    against the silo's ledger. The fast path (the first exceeding round of every silo computed up
+    front by ``_round_limits``) is taken only when both the silo's ledger so far and this step are
+    exactly the planned ones; otherwise the candidate ledger is evaluated directly, so no plan
+    assumption (e.g. a schedule recalibrated on a forced resume) can let a step through.
     """
     if not self.private or not self.stop_at_budget:
       return None
-    for k, z in zip(clients, z_next):
-      k = int(k)
+    steps = np.broadcast_to(np.asarray(steps, np.int64), (len(clients),))
+    planned = self.planned_noise(round_, clients)
+    for k, z, s, zp in zip(clients, z_next, steps, planned):
+      k, z, s = int(k), float(z), int(s)
+      if s == 0:
+        continue  # a dropped client runs nothing and is charged nothing
       if z <= 0:
         return k
+      spec = self.spec(k, z)
       if self.adaptive:
-        if not self.filters[k].admit(self.spec(k, float(z)), self.local_steps):
+        if not self.filters[k].admit(spec, s):
           return k
         continue
-      if not self._off_plan:
+      if self._on_plan[k] and s == self.local_steps and np.float32(z) == np.float32(zp):
         if round_ >= self._limits[k]:
           return k
         continue
-      runs = list(self.ledgers[k].runs) + [(self.spec(k, float(z)), self.local_steps)]
-      if self._epsilon_of(tuple(runs)) > self.target_epsilon:
+      if self._epsilon_of(tuple(self.ledgers[k].runs) + ((spec, s),)) > self.target_epsilon:
         return k
     return None
 
-  def record_round(self, clients, z_used, steps: int, steps_per_client=None):
+  def record_round(self, round_: int, clients, z_used, steps) -> None:
     """Charges every participating silo for the steps it ran with the noise it used."""
-    for i, k in enumerate(clients):
-      k = int(k)
-      s = steps if steps_per_client is None else int(steps_per_client[i])
-      self._last_noise[k] = float(z_used[i])
-      if self.private and s > 0:
-        self.ledgers[k].record(self.spec(k, float(z_used[i])), s)
+    steps = np.broadcast_to(np.asarray(steps, np.int64), (len(clients),))
+    planned = self.planned_noise(round_, clients)
+    for k, z, s, zp in zip(clients, z_used, steps, planned):
+      k, z, s = int(k), float(z), int(s)
+      self._last_noise[k] = z
+      if not self.private:
+        continue
+      if s != self.local_steps or np.float32(z) != np.float32(zp):
+        self._on_plan[k] = False  # the ledger no longer equals the planned prefix
+      if s > 0:
+        self.ledgers[k].record(self.spec(k, z), s)
         if self.adaptive:
-          self.filters[k].spend(self.spec(k, float(z_used[i])), s)
-    if self.private:
-      planned = self.planned_noise(self._rounds_recorded, clients)
-      if not np.allclose(planned, np.asarray(z_used, np.float64), rtol=1e-6, atol=0):
-        self._off_plan = True
-      if steps_per_client is not None and np.any(np.asarray(steps_per_client) != steps):
-        self._off_plan = True
-    self._rounds_recorded += 1
+          self.filters[k].spend(self.spec(k, z), s)
 
   def epsilons(self, final: bool = False) -> np.ndarray:
     if not self.private:
@@ -320,25 +327,73 @@ class PrivacyPlan:
         'ledgers': [l.to_dict() for l in self.ledgers],
         'filters': [f.ledger.to_dict() for f in self.filters],
         'last_noise': list(self._last_noise),
-        'off_plan': self._off_plan,
-        'rounds_recorded': self._rounds_recorded,
     }
 
-  def load_host_state(self, host: dict) -> None:
-    if self.private:
-      self.ledgers = [accounting.Ledger.from_dict(d) for d in host['ledgers']]
-      for f, d in zip(self.filters, host['filters']):
-        for spec, count in accounting.Ledger.from_dict(d).runs:
-          f.spend(spec, count)  # replaying the admitted steps rebuilds the filter exactly
+  def load_host_state(self, host: dict, round_: int, state_scale, *,
+                      same_config: bool = True) -> np.ndarray:
+    """Restores the ledgers of a checkpoint taken before round ``round_``; returns the scales.
+
+    ``state_scale`` (K,) is the noise scale held by the checkpoint's controller state.
+
+    * ``same_config`` (a plain resume): the run continues exactly as if never interrupted, with
+      the checkpoint's scales. Silos whose ledger is not the planned prefix (faults) are judged by
+      direct evaluation of their ledger from now on.
+    * otherwise (a forced resume with another budget, length or schedule): the scale of every silo
+      whose ledger or scale is not what this plan would have produced is recalibrated so that its
+      ledger so far plus its remaining planned rounds land on the target. A silo whose ledger
+      already leaves no budget refuses the resume (``ValueError`` naming
+      ``privacy.target_epsilon``).
+
+    The returned scales must be written into the controller state before the next round.
+    """
     self._last_noise = [float(z) for z in host['last_noise']]
-    self._off_plan = bool(host['off_plan'])
-    self._rounds_recorded = int(host['rounds_recorded'])
+    state_scale = np.asarray(state_scale, np.float64)
+    if not self.private:
+      return state_scale
+    self.ledgers = [accounting.Ledger.from_dict(d) for d in host['ledgers']]
+    if self.adaptive:
+      for k, (f, d) in enumerate(zip(self.filters, host['filters'])):
+        for spec, count in accounting.Ledger.from_dict(d).runs:
+          if not f.admit(spec, count):
+            raise ValueError(
+                f'config.privacy.target_epsilon={self.target_epsilon}: silo {k} of the checkpoint '
+                f'has already spent more than the Rényi filter of this target admits; resume '
+                'with the original target or start a new run')
+          f.spend(spec, count)  # replaying the admitted steps rebuilds the filter exactly
+      self._on_plan[:] = False
+      return state_scale
+    scales = state_scale.copy()
+    for k in range(len(self.sizes)):
+      history = self.ledgers[k].runs
+      planned = np.float32(state_scale[k]) == np.float32(self.noise_scale[k]) and (
+          history == tuple(self._planned_specs(k, self.noise_scale[k], round_)))
+      self._on_plan[k] = planned
+      if planned or same_config:
+        continue
+      remaining = [r for r in self._client_rounds(k) if r >= round_]
+      if not remaining:
+        continue
+      spent = self._epsilon_of(history) if history else 0.0
+      if spent >= self.target_epsilon * (1 - 1e-3):
+        raise ValueError(
+            f'config.privacy.target_epsilon={self.target_epsilon}: the checkpoint resumed at '
+            f'round {round_} has already spent ε={spent:.4f} of silo {k}, leaving nothing for its '
+            f'{len(remaining)} remaining planned rounds; raise the target or keep fed.rounds')
+      scale = accounting.calibrate_scale(
+          lambda sc, k=k: list(history) + self._planned_specs(k, sc, start=round_),
+          self.target_epsilon * _CALIBRATION_MARGIN, self.delta, self.accountant,
+          pld_discretization=_COARSE_PLD, initial_scale=max(float(self.noise_scale[k]), 1e-3))
+      scales[k] = float(np.nextafter(np.float32(scale), np.float32(np.inf)))
+    if not same_config:
+      self.noise_scale = scales
+    return scales
 
   def current_noise(self):
     return [float(z) for z in self._last_noise]
 
-  def ledgers_json(self):
-    return [json_ledger for json_ledger in (l.to_json() for l in self.ledgers)]
+  def ledgers_json(self) -> list[dict]:
+    """Every silo's ledger as a plain JSON object (``Ledger.to_dict``), in silo order."""
+    return [l.to_dict() for l in self.ledgers]
 
   def print_header(self, names, rounds: int):
     if not self.private:

@@ -1,7 +1,7 @@
 """Public noise schedules: σ_t = s · shape(t), pure functions of the round t.
 
 A schedule is a *shape* (relative multiplier, fixed before training, so ordinary composition
-applies: privacy.md §5.4) times a *scale* s, which ``calibrate_schedule`` fits to an (ε, δ)
+applies: docs/privacy.md §5.1) times a *scale* s, which ``calibrate_schedule`` fits to an (ε, δ)
 budget. Each shape exists as a NumPy host function (float64) and a ``jax.numpy`` function usable
 inside ``jit`` with the round as an integer array (float32 unless x64 is enabled).
 

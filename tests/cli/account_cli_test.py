@@ -74,4 +74,14 @@ def test_python_dash_m_entry_point():
        '--sampling-rate', '0.1', '--steps', '512', '--delta', '1e-6', '--json'],
       capture_output=True, text=True, check=True, timeout=120)
   out = json.loads(proc.stdout)
-  assert out['epsilon'] == pytest.approx(4.051, abs=1e-3)  # RDP reference, privacy.md §2.7
+  assert out['epsilon'] == pytest.approx(4.051, abs=1e-3)  # RDP reference, docs/privacy.md §2.5
+
+
+def test_json_output_is_strict_json_when_epsilon_is_infinite(capsys):
+  # Review finding: ε = ∞ (no noise) was printed as Infinity, which is not JSON.
+  assert account_cli.main(['--noise-multiplier', '0', *BASE, '--json']) == 0
+
+  def refuse(name):
+    raise ValueError(f'non-JSON constant {name}')
+  out = json.loads(capsys.readouterr().out, parse_constant=refuse)
+  assert out['epsilon'] is None

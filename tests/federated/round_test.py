@@ -87,13 +87,37 @@ def test_round_compiles_once_while_clip_and_noise_change(phantom_data, tmp_path)
   assert not np.allclose(noises[0], noises[-1])  # noise followed the schedule
 
 
+def _strict_json(text):
+  """json.loads that refuses Infinity/NaN (not JSON, RFC 8259)."""
+  def refuse(name):
+    raise ValueError(f'non-JSON constant {name}')
+  return json.loads(text, parse_constant=refuse)
+
+
+def _tensorboard_tags(workdir):
+  """Scalar tags of the event files in ``workdir`` (TFRecord framing, tensorboardX's protos)."""
+  import glob
+  import struct
+  from tensorboardX.proto import event_pb2
+  tags = set()
+  for path in glob.glob(os.path.join(str(workdir), '**', 'events.out.tfevents.*'), recursive=True):
+    with open(path, 'rb') as f:
+      while header := f.read(12):
+        (length,) = struct.unpack('<Q', header[:8])
+        event = event_pb2.Event.FromString(f.read(length))
+        f.read(4)
+        tags.update(v.tag for v in event.summary.value)
+  return tags
+
+
 def test_end_to_end_run_writes_outputs(phantom_data, tmp_path):
   cfg = tiny_config()
   summary = train.Trainer(cfg, str(tmp_path), data=phantom_data).run()
   rows = [json.loads(l) for l in open(os.path.join(tmp_path, 'metrics.jsonl'))]
   assert [r['round'] for r in rows] == [1, 2]
-  for key in ('round', 'train_loss', 'dice', 'dice_per_client', 'epsilon', 'epsilon_per_client',
-              'delta', 'clip_norm', 'noise_multiplier', 'examples_per_second', 'wall_seconds'):
+  for key in ('round', 'dice', 'dice_per_client', 'epsilon', 'epsilon_per_client',
+              'delta', 'clip_norm', 'noise_multiplier', 'examples_per_second',
+              'seconds_per_round', 'wall_seconds'):
     assert key in rows[-1], key
   assert len(rows[-1]['dice_per_client']) == 4
   saved = json.load(open(os.path.join(tmp_path, 'summary.json')))
@@ -103,6 +127,67 @@ def test_end_to_end_run_writes_outputs(phantom_data, tmp_path):
   assert 0 < saved['epsilon'] <= cfg.privacy.target_epsilon * (1 + 1e-9)
   assert json.load(open(os.path.join(tmp_path, 'config.json')))['seed'] == 0
   assert summary['stopped_reason'] == 'completed'
+
+
+def test_dp_run_releases_nothing_unnoised_by_default(phantom_data, tmp_path):
+  # Review finding: the exact Poisson count ('examples', also recoverable as examples_per_second ×
+  # wall_seconds) and the raw training loss were written by DP runs without being covered by ε.
+  cfg = tiny_config(**{'eval.tensorboard': True})
+  train.Trainer(cfg, str(tmp_path / 'dp'), data=phantom_data).run()
+  rows = [json.loads(l) for l in open(tmp_path / 'dp' / 'metrics.jsonl')]
+  for row in rows:
+    assert 'examples' not in row and 'train_loss' not in row
+  summary = json.load(open(tmp_path / 'dp' / 'summary.json'))
+  assert summary['unprivatized_outputs'] == []
+  # Throughput comes from public quantities: expected batch (q·n = 6) × steps × clients.
+  expected_per_round = 4 * 2 * 6
+  for row in rows[1:]:
+    assert row['examples_per_second'] * row['seconds_per_round'] == pytest.approx(
+        expected_per_round)
+  tags = _tensorboard_tags(tmp_path / 'dp')
+  assert 'dice' in tags and not [t for t in tags if 'train_loss' in t or t == 'examples']
+  # The raw loss only on request, and then flagged.
+  cfg = tiny_config(**{'log.raw_train_loss': True})
+  train.Trainer(cfg, str(tmp_path / 'raw'), data=phantom_data).run()
+  rows = [json.loads(l) for l in open(tmp_path / 'raw' / 'metrics.jsonl')]
+  assert all('train_loss' in row for row in rows)
+  assert json.load(open(tmp_path / 'raw' / 'summary.json'))['unprivatized_outputs'] == [
+      'train_loss']
+
+
+def test_outputs_are_strict_json(phantom_data, tmp_path):
+  # Review finding: ε = ∞ was written as Infinity, which is not JSON.
+  cfg = tiny_config(**{'privacy.mode': 'none', 'fed.rounds': 1})
+  train.Trainer(cfg, str(tmp_path), data=phantom_data).run()
+  summary = _strict_json(open(tmp_path / 'summary.json').read())
+  assert summary['epsilon'] is None and summary['privacy_mode'] == 'none'
+  for line in open(tmp_path / 'metrics.jsonl'):
+    row = _strict_json(line)
+    assert row['epsilon'] is None and 'train_loss' in row  # NP-FL: nothing to protect
+  _strict_json(open(tmp_path / 'ledger.json').read())
+
+
+def test_sharded_with_padded_clients_matches_loop_on_all_state(phantom_data, tmp_path):
+  # Review finding: 3 clients padded to 4 devices; the padded client repeats client 0's id and
+  # its (unchanged) clip overwrote client 0's adapted clip in the scatter.
+  assert jax.device_count() == 4
+  extra = {'fed.clients_per_round': 3, 'privacy.clip_mode': 'quantile',
+           'privacy.target_epsilon': 20.0}
+  finals = {}
+  for backend in ('loop', 'sharded'):
+    trainer = train.Trainer(tiny_config(**{'fed.backend': backend, **extra}),
+                            str(tmp_path / backend), data=phantom_data)
+    state = trainer.initial_state
+    x, y = jnp.asarray(phantom_data.train_x), jnp.asarray(phantom_data.train_y)
+    for r in range(2):
+      inputs, *_ = trainer.round_inputs(r)
+      state, _ = trainer.round.step(state, x, y, inputs)
+    finals[backend] = jax.device_get(state)
+  assert not np.allclose(finals['loop'].controller.clip, 1.0)  # the clip adapted
+  for a, b in zip(jax.tree_util.tree_leaves(finals['loop']),
+                  jax.tree_util.tree_leaves(finals['sharded'])):
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                               rtol=2e-4, atol=2e-6)
 
 
 def test_budget_stop_never_exceeds_target(phantom_data, tmp_path):

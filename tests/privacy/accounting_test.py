@@ -28,7 +28,7 @@ def _pld_eps(event, delta, disc=1e-4):
 
 
 # ------------------------------------------------------------------------------------------------
-# Reference values (privacy.md §2.7, §13 item 11).
+# Reference values (docs/privacy.md §2.5, §11.2).
 # ------------------------------------------------------------------------------------------------
 def test_reference_values_jax_privacy_doctest():
   spec = acc.StepSpec(0.1, 3.0)
@@ -163,9 +163,10 @@ def test_make_step_event_structure():
       0.1, dpa.LaplaceDpEvent(2.0))
   assert acc.make_step_event(1.0, 2.0) == dpa.GaussianDpEvent(2.0)
   assert acc.make_step_event(0.1, 0.0) == dpa.NonPrivateDpEvent()
+  # A silo of 100 records: the event is over its add-one neighbour's 101 records.
   assert acc.make_step_event(0.1, 2.0, truncated_batch_size=30,
                              dataset_size=100) == dpa.TruncatedSubsampledGaussianDpEvent(
-                                 100, 0.1, 30, 2.0)
+                                 101, 0.1, 30, 2.0)
 
 
 def test_zero_noise_is_infinite_and_q_one_is_allowed():
@@ -180,7 +181,7 @@ def test_zero_noise_is_infinite_and_q_one_is_allowed():
   assert ledger.epsilon(1e-5) == pytest.approx(dpa.get_epsilon_gaussian(2.0, 1e-5), abs=1e-3)
   rdp = acc.Ledger('rdp')
   rdp.record(acc.StepSpec(1.0, 2.0))
-  assert rdp.epsilon(1e-5) == pytest.approx(2.1657, abs=1e-4)  # privacy.md §1.3
+  assert rdp.epsilon(1e-5) == pytest.approx(2.1657, abs=1e-4)  # docs/privacy.md §1.3
   assert acc.Ledger('rdp').epsilon(1e-5) == 0.0
 
 
@@ -189,7 +190,7 @@ def test_laplace_ledger_with_pld_and_rdp_error():
   ledger.record(acc.StepSpec(0.1, 1.0, 'laplace'), 100)
   event = dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(0.1, dpa.LaplaceDpEvent(1.0)), 100)
   assert ledger.epsilon(1e-5) == pytest.approx(_pld_eps(event, 1e-5), abs=1e-6)
-  assert ledger.epsilon(1e-5) == pytest.approx(4.152, abs=1e-3)  # privacy.md §2.6
+  assert ledger.epsilon(1e-5) == pytest.approx(4.152, abs=1e-3)  # docs/privacy.md §2.4
   with pytest.raises(ValueError, match='pld'):
     acc.Ledger('rdp').record(acc.StepSpec(0.1, 1.0, 'laplace'))
   with pytest.raises(ValueError, match='pld'):
@@ -201,13 +202,37 @@ def test_laplace_ledger_with_pld_and_rdp_error():
 
 
 def test_truncated_sampling_pld_uses_dp_accounting_event():
+  # A silo of n = 200 records: the add-one neighbour has 201, and the event must be built over
+  # the dataset that contains the differing record (dp-accounting's dataset_size = n + 1).
   spec = acc.StepSpec(0.05, 1.2, truncated_batch_size=14, dataset_size=200)
   ledger = acc.Ledger('pld', pld_discretization=1e-3)
   ledger.record(spec, 50)
-  oracle = dpa.SelfComposedDpEvent(dpa.TruncatedSubsampledGaussianDpEvent(200, 0.05, 14, 1.2), 50)
+  oracle = dpa.SelfComposedDpEvent(dpa.TruncatedSubsampledGaussianDpEvent(201, 0.05, 14, 1.2), 50)
   assert ledger.epsilon(1e-5) == pytest.approx(_pld_eps(oracle, 1e-5, 1e-3), abs=1e-6)
+  remove_one = dpa.SelfComposedDpEvent(dpa.TruncatedSubsampledGaussianDpEvent(200, 0.05, 14, 1.2),
+                                       50)
+  assert ledger.epsilon(1e-5) >= _pld_eps(remove_one, 1e-5, 1e-3)
   poisson = _pld_eps(dpa.SelfComposedDpEvent(_poisson_gaussian(0.05, 1.2), 50), 1e-5, 1e-3)
   assert ledger.epsilon(1e-5) > poisson
+
+
+@pytest.mark.parametrize('n,batch,q,z,steps', [
+    (48, 19, 8 / 48, 1.0, 3), (48, 10, 8 / 48, 1.0, 3), (256, 54, 0.125, 1.4, 240),
+    (20, 8, 0.3, 0.8, 50), (10, 10, 0.5, 1.0, 20), (60, 14, 4 / 60, 0.9, 120)])
+def test_add_one_neighbour_is_the_worse_pair(n, batch, q, z, steps):
+  # ε with the dataset holding the differing record at n + 1 (add-one) covers the remove-one
+  # pair (n) too: the ledger may account the add-one event alone.
+  eps = {size: _pld_eps(dpa.SelfComposedDpEvent(
+      dpa.TruncatedSubsampledGaussianDpEvent(size, q, batch, z), steps), 1e-5, 1e-3)
+         for size in (n, n + 1)}
+  assert eps[n + 1] >= eps[n] - 1e-9
+
+
+def test_batch_of_n_slots_truncates_the_add_one_neighbour():
+  # B = n holds every draw of the silo but not of its neighbour with n + 1 records.
+  spec = acc.StepSpec(0.5, 1.0, truncated_batch_size=10, dataset_size=10)
+  assert spec.is_truncated and spec.truncation_probability > 0
+  assert not acc.StepSpec(0.5, 1.0, truncated_batch_size=11, dataset_size=10).is_truncated
 
 
 def test_truncated_sampling_rdp_total_variation_fallback():

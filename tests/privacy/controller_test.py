@@ -120,7 +120,7 @@ def test_z_delta_formula():
   z, sb = 1.0, 5.0
   got = float(controller_lib.split_multiplier(jnp.float32(z), jnp.float32(2 * sb)))
   np.testing.assert_allclose(got, (z**-2 - (2 * sb)**-2) ** -0.5, rtol=1e-6)
-  np.testing.assert_allclose(got, 1.0050, atol=1e-4)  # privacy.md §4.3 table
+  np.testing.assert_allclose(got, 1.0050, atol=1e-4)  # docs/privacy.md §4.3 table
 
 
 def _tiny(**kw):
@@ -152,7 +152,7 @@ def test_ledger_charges_total_z_including_estimator(mode, tmp_path):
   z_total = np.asarray(m['noise_multiplier'])
   z_grad = np.asarray(m['noise_multiplier_grad'])
   assert np.all(z_grad > z_total)  # the gradient gets z_Δ > z; the estimator takes the rest
-  trainer.plan.record_round(clients, z_total, 2)
+  trainer.plan.record_round(0, clients, z_total, 2)
   spec, count = trainer.plan.ledgers[0].runs[0]
   assert spec.noise_multiplier == pytest.approx(float(z_total[0]))
   # ε of the ledger = ε of PoissonSampled(G(z_total)) alone: the estimator's cost is inside z.

@@ -17,7 +17,7 @@ from adpfl_jax.configs import default
 from adpfl_jax.privacy import accounting
 
 ROOT = os.path.join(os.path.dirname(__file__), '..', '..')
-TIMING = ('wall_seconds', 'examples_per_second')
+TIMING = ('wall_seconds', 'examples_per_second', 'seconds_per_round')
 
 
 def tiny(**kw):
@@ -88,10 +88,9 @@ def _run_rounds(trainer, n):
       inputs, clients, ran = trainer.round_inputs(r)
       state, m = trainer.round.step(state, x, y, inputs)
       m = jax.device_get(m)
-      trainer.plan.record_round(clients, np.asarray(m['noise_multiplier']), 2,
-                                steps_per_client=ran)
-      trainer._log(mf, r + 1, state, m, clients, 0, 0.0)
-      ckpt.save(r + 1, state, trainer._host_state(0, 0.0))
+      trainer.plan.record_round(r, clients, np.asarray(m['noise_multiplier']), ran)
+      trainer._log(mf, r + 1, state, m, clients, 0.0)
+      ckpt.save(r + 1, state, trainer._host_state(0.0))
   ckpt.close()
 
 
@@ -120,6 +119,42 @@ def test_resume_refuses_a_different_config(data, tmp_path):
   train.Trainer(tiny(**{'fed.rounds': 1}), workdir, data=data).run()
   with pytest.raises(validation.ConfigError, match='fed.client_lr'):
     train.Trainer(tiny(**{'fed.rounds': 1, 'fed.client_lr': 0.3}), workdir, data=data).run()
+
+
+def test_forced_resume_with_more_rounds_never_ends_above_target(data, tmp_path):
+  # Review probe: a finished run at its target ε = 3, resumed with checkpoint.force and twice the
+  # rounds, used to run one more round at the checkpoint's σ (ε 3.467 > 3) before stopping.
+  workdir = str(tmp_path)
+  first = train.Trainer(tiny(**{'fed.rounds': 2, 'privacy.target_epsilon': 3.0}), workdir,
+                        data=data).run()
+  assert first['epsilon'] <= 3.0
+  longer = tiny(**{'fed.rounds': 4, 'privacy.target_epsilon': 3.0, 'checkpoint.force': True})
+  try:
+    summary = train.Trainer(longer, workdir, data=data).run()
+  except validation.ConfigError as err:  # refusing is allowed, with the key named
+    assert 'privacy.target_epsilon' in str(err)
+  else:
+    assert summary['epsilon'] <= 3.0
+  with open(os.path.join(workdir, 'ledger.json')) as f:
+    ledgers = [accounting.Ledger.from_dict(d) for d in json.load(f)]
+  assert all(ledger.epsilon(1e-5) <= 3.0 for ledger in ledgers)
+
+
+def test_forced_resume_recalibrates_the_remaining_rounds(data, tmp_path):
+  # A run planned for 4 rounds stopped after 2, then extended to 6 rounds by a forced resume: the
+  # remaining rounds get the noise that lands the whole run on the target, and all run.
+  workdir = str(tmp_path)
+  planned = tiny(**{'privacy.target_epsilon': 3.0})
+  _run_rounds(train.Trainer(planned, workdir, data=data), 2)
+  old_scale = train.Trainer(planned, str(tmp_path / 'x'), data=data).plan.noise_scale
+  longer = tiny(**{'fed.rounds': 6, 'privacy.target_epsilon': 3.0, 'checkpoint.force': True})
+  trainer = train.Trainer(longer, workdir, data=data)
+  summary = trainer.run()
+  assert summary['rounds'] == 6 and summary['stopped_reason'] == 'completed'
+  assert summary['epsilon'] <= 3.0
+  assert summary['epsilon'] > 2.9  # the remaining budget was used, not wasted
+  assert np.all(trainer.plan.noise_scale > old_scale)
+  assert np.all(np.asarray(trainer.final_state.controller.noise_scale) > old_scale)
 
 
 def test_dropout_and_nan_client(data, tmp_path):
