@@ -11,7 +11,9 @@ local steps. Examples::
       --delta 1e-5 --schedule exponential --schedule-param rate=0.99 --steps-per-round 2
 
 With ``--schedule`` the step's σ is ``noise_multiplier · shape(round)``, rounds =
-steps / steps-per-round, and ``--noise-multiplier`` (or the calibrated value) is the scale.
+steps / steps-per-round, and ``--noise-multiplier`` (or the calibrated value) is the scale. The
+plan and the calibration are training's own (``calibration.SiloPlan`` / ``calibrate``): for the
+same inputs ``--target-epsilon`` prints the σ a training run uses, to the last digit.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ import sys
 from typing import Any, Optional, Sequence
 
 from adpfl_jax import jsonio
+from adpfl_jax.configs import default
 from adpfl_jax.privacy import accounting
+from adpfl_jax.privacy import calibration
 from adpfl_jax.privacy import schedules
 
 
@@ -54,7 +58,9 @@ def build_parser(prog: str = 'adpfl account') -> argparse.ArgumentParser:
   parser.add_argument('--sampling-rate', type=float, required=True, help='Poisson rate q')
   parser.add_argument('--steps', type=int, required=True, help='number of local steps')
   parser.add_argument('--delta', type=float, required=True, help='target δ')
-  parser.add_argument('--accountant', choices=accounting.ACCOUNTANTS, default='rdp')
+  parser.add_argument('--accountant', choices=accounting.ACCOUNTANTS,
+                      default=default.get_config().privacy.accountant,
+                      help='the default is the one training uses (config privacy.accountant)')
   parser.add_argument('--mechanism', choices=accounting.MECHANISMS, default='gaussian',
                       help='gaussian (L2 clip) or laplace (L1 clip; needs --accountant pld '
                       'when q < 1)')
@@ -69,46 +75,46 @@ def build_parser(prog: str = 'adpfl account') -> argparse.ArgumentParser:
   parser.add_argument('--dataset-size', type=int, default=None,
                       help='silo record count (required with --truncated-batch-size)')
   parser.add_argument('--pld-discretization', type=float,
-                      default=accounting.DEFAULT_PLD_DISCRETIZATION)
-  parser.add_argument('--noise-grid', type=float, default=None,
-                      help='round scheduled σ down onto a geometric grid of this relative '
-                      'resolution (default: exact with --noise-multiplier; 1e-3 RDP / 1e-2 PLD '
-                      'when calibrating a non-constant schedule)')
+                      default=accounting.DEFAULT_PLD_DISCRETIZATION,
+                      help='PLD discretisation of the reported ε (calibration itself uses the '
+                      'coarse grid training uses, so both find the same σ)')
   parser.add_argument('--json', action='store_true', help='print one JSON object')
   return parser
 
 
-def account(args: argparse.Namespace) -> dict[str, Any]:
-  """Computes the report for parsed arguments (raises ValueError on invalid values)."""
+def silo_plan(args: argparse.Namespace) -> calibration.SiloPlan:
+  """The planned run the arguments describe, exactly as training would plan one silo."""
   if args.steps < 1:
     raise ValueError(f'--steps must be >= 1, got {args.steps}')
   if args.steps_per_round < 1 or args.steps % args.steps_per_round:
     raise ValueError(f'--steps-per-round={args.steps_per_round} must be >= 1 and divide '
                      f'--steps={args.steps}')
   rounds = args.steps // args.steps_per_round
-  params = dict(args.schedule_param)
-  if args.schedule in ('linear', 'cosine'):
-    params.setdefault('rounds', rounds)
-  params = schedules.validate_params(args.schedule, params)
+  params = schedules.validate_params(args.schedule, dict(args.schedule_param), rounds)
+  accounting.check_sampling_rate(args.sampling_rate, '--sampling-rate')
+  truncated = args.truncated_batch_size
+  if (truncated is None) != (args.dataset_size is None):
+    raise ValueError('--truncated-batch-size and --dataset-size go together')
+  return calibration.SiloPlan(
+      sampling_rate=float(args.sampling_rate), rounds=tuple(range(rounds)),
+      steps_per_round=args.steps_per_round, schedule=args.schedule,
+      schedule_params=tuple(sorted(params.items())),
+      accountant=accounting.check_accountant(args.accountant), mechanism=args.mechanism,
+      truncated_batch_size=truncated, dataset_size=args.dataset_size,
+      quantize=args.schedule != 'constant')
+
+
+def account(args: argparse.Namespace) -> dict[str, Any]:
+  """Computes the report for parsed arguments (raises ValueError on invalid values)."""
+  plan = silo_plan(args)
   delta = accounting.check_delta(args.delta)
-  accountant = accounting.check_accountant(args.accountant)
-  distinct = len(set(schedules.shape(args.schedule, params, range(rounds)).tolist()))
-  grid = args.noise_grid
   if args.target_epsilon is not None:
-    accounting.check_target_epsilon(args.target_epsilon)
-    if grid is None:
-      grid = accounting.default_noise_grid(accountant, distinct)
-    scale = schedules.calibrate_schedule(
-        args.schedule, params, args.target_epsilon, delta, args.sampling_rate,
-        args.steps_per_round, rounds, accountant, args.mechanism,
-        truncated_batch_size=args.truncated_batch_size, dataset_size=args.dataset_size,
-        noise_grid=grid, pld_discretization=args.pld_discretization)
+    target = accounting.check_target_epsilon(args.target_epsilon, '--target-epsilon')
+    scale = calibration.calibrate(plan, target, delta)
   else:
-    scale = accounting.check_noise_multiplier(args.noise_multiplier)
-  runs = schedules.planned_runs(
-      args.schedule, params, scale, args.sampling_rate, args.steps_per_round, rounds,
-      args.mechanism, args.truncated_batch_size, args.dataset_size, grid)
-  ledger = accounting.Ledger(accountant, pld_discretization=args.pld_discretization)
+    scale = accounting.check_noise_multiplier(args.noise_multiplier, '--noise-multiplier')
+  runs = plan.runs(scale)
+  ledger = accounting.Ledger(plan.accountant, pld_discretization=args.pld_discretization)
   ledger.extend(runs)
   epsilon = ledger.epsilon(delta)
   sigmas = [spec.noise_multiplier for spec, _ in runs]
@@ -118,7 +124,7 @@ def account(args: argparse.Namespace) -> dict[str, Any]:
       'noise_multiplier': scale,
       'sampling_rate': float(args.sampling_rate),
       'steps': args.steps,
-      'accountant': accountant,
+      'accountant': plan.accountant,
       'mechanism': args.mechanism,
       'neighboring_relation': 'add_or_remove_one',
       'unit': 'record (per silo)',
@@ -127,13 +133,13 @@ def account(args: argparse.Namespace) -> dict[str, Any]:
   if args.target_epsilon is not None:
     report['target_epsilon'] = float(args.target_epsilon)
   if args.schedule != 'constant':
-    report.update(schedule_params=params, steps_per_round=args.steps_per_round,
-                  min_noise_multiplier=min(sigmas), max_noise_multiplier=max(sigmas))
-  if grid is not None:
-    report['noise_grid'] = grid
+    report.update(schedule_params=dict(plan.schedule_params),
+                  steps_per_round=args.steps_per_round, min_noise_multiplier=min(sigmas),
+                  max_noise_multiplier=max(sigmas),
+                  noise_grid=calibration.NOISE_GRID[plan.accountant])
   if args.truncated_batch_size is not None:
     report.update(truncated_batch_size=args.truncated_batch_size, dataset_size=args.dataset_size)
-  if accountant == 'pld':
+  if plan.accountant == 'pld':
     report['pld_discretization'] = args.pld_discretization
   return report
 

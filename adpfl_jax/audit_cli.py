@@ -1,7 +1,8 @@
 """``adpfl audit``: the one-run privacy audit of a run (``adpfl_jax/privacy/audit.py``).
 
   adpfl audit --config=experiments/quickstart.py --workdir=runs/a [--config.key=value ...]
-      trains with the audit on (``privacy.audit.enabled=True``), like ``adpfl train``
+      trains with the audit on (``privacy.audit.enabled=True``), like ``adpfl train`` (the
+      ``adpfl`` command dispatches this form to training)
   adpfl audit --workdir=runs/a [--significance 0.01] [--json]
       reports the audit of a finished run, per silo, at any significance (from its saved canary
       scores, ``audit_scores.npz``)
@@ -54,9 +55,6 @@ def readable(report: dict) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
-  if any(a.startswith('--config') for a in argv):
-    from adpfl_jax import main as main_lib  # pylint: disable=g-import-not-at-top
-    return main_lib.run(['train', *argv, '--config.privacy.audit.enabled=True'])
   parser = build_parser()
   args = parser.parse_args(argv)
   try:

@@ -53,6 +53,9 @@ def run(argv=None) -> int:
   if cmd == 'account':
     from adpfl_jax import account_cli  # pylint: disable=g-import-not-at-top
     return account_cli.main(rest)
+  if cmd == 'audit' and any(a.startswith('--config') for a in rest):
+    _train(rest + ['--config.privacy.audit.enabled=True'])
+    return 0
   if cmd == 'audit':
     from adpfl_jax import audit_cli  # pylint: disable=g-import-not-at-top
     return audit_cli.main(rest)

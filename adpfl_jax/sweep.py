@@ -32,27 +32,20 @@ shape or a constant closed over by the jitted round (model, loss, optimisers, sc
 and its estimator constants, sparsity, faults, rounds, local steps, batch size), so the group's
 leader's round function is the round function of every member.
 
-Per trial the loop is that of ``Trainer.run``: before each round the trial's own plan decides
-whether the round fits its budget; a trial that would exceed it (or whose model became non-finite)
-is frozen — the jitted step keeps its state unchanged (a per-trial mask) and its ledger records
-nothing more — while the others continue. Evaluations slice the trial's parameters out of the
-stacked state. Results agree with running each trial alone via ``Trainer.run`` to float tolerance
-(``tests/sweep_test.py``).
-
-Differences from ``Trainer.run`` in a vectorized group: no checkpoints are written or resumed (a
-sweep resumes per trial: the CLI skips finished workdirs), and ``wall_seconds`` /
-``examples_per_second`` are those of the whole group (its trials train concurrently). Trials that
-do not share a group with anyone, or whose backend is ``loop``, run one after another through
-``Trainer.run``.
+A group is trained by the project's one host loop, ``driver.run``, with a ``GroupExecutor``: each
+trial keeps its own ``RunSession`` (budget stop, ledger, audit, evaluation, checkpoints, outputs),
+exactly as a run alone does. A trial that stops (budget, non-finite model) is frozen — the jitted
+step keeps its state unchanged (a per-trial mask) and its ledger records nothing more — while the
+others continue. Results agree with running each trial alone via ``Trainer.run`` to float
+tolerance (``tests/sweep_test.py``). In a group, ``seconds_per_round`` / ``examples_per_second``
+are those of the whole group step (its trials train concurrently). Trials that do not share a
+group with anyone, or whose backend is ``loop``, run one after another through ``Trainer.run``.
 """
 
-# pylint: disable=protected-access  (a group drives its Trainers' loop pieces)
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import time
 from typing import Callable, Sequence
 
 import jax
@@ -61,10 +54,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from adpfl_jax import checkpointing
+from adpfl_jax import driver
 from adpfl_jax import train
 from adpfl_jax.data import federated as fed_data
 from adpfl_jax.federated import backends
-from adpfl_jax.metrics import writers
 from adpfl_jax.privacy import accounting
 
 # Config keys whose values only reach the jitted round through state arrays or host bookkeeping.
@@ -134,20 +127,19 @@ def trial_mesh(lead: train.Trainer, num_trials: int) -> Mesh | None:
 
 def make_group_step(lead: train.Trainer, trial_axis: str = 'auto',
                     mesh: Mesh | None = None) -> Callable:
-  """The jitted step of a group: ``(states, live, data_x, data_y, inputs) -> (states, m, ok)``.
+  """The jitted step of a group: ``(states, live, data_x, data_y, inputs) -> (states, outputs)``.
 
   ``states`` and ``inputs`` carry a leading trial axis; ``live`` (T,) bool freezes trials whose
-  entry is False (their state is returned unchanged); ``ok`` (T,) says whether each trial's new
-  global parameters are all finite. ``trial_axis`` ('vmap', 'map' or 'auto') is how the trials
-  are mapped inside the step; with a ``mesh`` (axis ``trials``) the trial axis is split over its
-  devices with ``shard_map`` (T must then be a multiple of the device count).
+  entry is False (their state is returned unchanged). ``trial_axis`` ('vmap', 'map' or 'auto') is
+  how the trials are mapped inside the step; with a ``mesh`` (axis ``trials``) the trial axis is
+  split over its devices with ``shard_map`` (T must then be a multiple of the device count).
   """
   axis = resolve_trial_axis(trial_axis)
   fn = lead.round.fn
 
   def local(states, live, data_x, data_y, inputs):
     if axis == 'vmap':
-      new, metrics = jax.vmap(fn, in_axes=(0, None, None, 0))(states, data_x, data_y, inputs)
+      new, outs = jax.vmap(fn, in_axes=(0, None, None, 0))(states, data_x, data_y, inputs)
     else:
       def one(a):
         state, inp, on = a
@@ -156,12 +148,9 @@ def make_group_step(lead: train.Trainer, trial_axis: str = 'auto',
         idle = lambda: (state, jax.tree_util.tree_map(
             lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(run)[1]))
         return jax.lax.cond(on, run, idle)
-      new, metrics = jax.lax.map(one, (states, inputs, live))
+      new, outs = jax.lax.map(one, (states, inputs, live))
     keep = lambda a, b: jnp.where(live.reshape(live.shape + (1,) * (a.ndim - 1)), a, b)
-    new = jax.tree_util.tree_map(keep, new, states)
-    leaves = jax.tree_util.tree_leaves(new.params)
-    ok = jnp.stack([jnp.all(jnp.isfinite(l.reshape(l.shape[0], -1)), axis=1) for l in leaves])
-    return new, metrics, jnp.all(ok, axis=0)
+    return jax.tree_util.tree_map(keep, new, states), outs
 
   if mesh is None:
     return jax.jit(local)
@@ -170,9 +159,48 @@ def make_group_step(lead: train.Trainer, trial_axis: str = 'auto',
                                check_vma=False))
 
 
-def make_group_noise(lead: train.Trainer) -> Callable:
-  """Jitted ``(stacked controller states, (T, M) client ids) -> (T, M)`` total noise z."""
-  return jax.jit(jax.vmap(lambda c, ids: lead.controller.client_dp(c, ids)[1]))
+class GroupExecutor:
+  """Steps the trials of one group together (``driver.run``'s executor for a sweep group)."""
+
+  def __init__(self, trainers: Sequence[train.Trainer], *, trial_axis: str = 'auto',
+               shard_trials: bool = True):
+    keys = {group_key(t) for t in trainers}
+    if len(keys) != 1 or not all(vectorizable(t) for t in trainers):
+      raise ValueError('GroupExecutor: the trials do not share one group key; use '
+                       'group_trainers')
+    lead = trainers[0]
+    self.n = len(trainers)
+    self.mesh = trial_mesh(lead, self.n) if shard_trials else None
+    # The trial axis is padded to a multiple of the mesh size with frozen copies of trial 0.
+    self.pad = (-self.n) % self.mesh.devices.size if self.mesh is not None else 0
+    self._step = make_group_step(lead, trial_axis, self.mesh)
+    self._put = lambda tree: tree
+    if self.mesh is not None:
+      # With a mesh, place every argument as the step expects it (else it compiles twice).
+      self._put = lambda tree: jax.device_put(tree, NamedSharding(self.mesh, P('trials')))
+
+  def place(self, data_x, data_y):
+    data = (jnp.asarray(data_x), jnp.asarray(data_y))
+    if self.mesh is not None:
+      data = jax.device_put(data, NamedSharding(self.mesh, P()))
+    return data
+
+  def stack(self, states):
+    return self._put(stack_trees(list(states) + [states[0]] * self.pad))
+
+  def step(self, states, live, data_x, data_y, inputs):
+    live = np.concatenate([np.asarray(live, bool), np.zeros(self.pad, bool)])
+    stacked = self._put(stack_trees(list(inputs) + [inputs[0]] * self.pad))
+    return self._step(states, self._put(jnp.asarray(live)), data_x, data_y, stacked)
+
+  def outputs(self, outs):
+    outs = jax.device_get(outs)
+    return [jax.tree_util.tree_map(lambda a, i=i: np.asarray(a)[i], outs)
+            for i in range(self.n)]
+
+  def fetch(self, states):
+    host = jax.device_get(states)
+    return [take_tree(host, i) for i in range(self.n)]
 
 
 def build_trainers(configs: Sequence, workdirs: Sequence[str],
@@ -209,12 +237,8 @@ def share_compiled(trainers: Sequence[train.Trainer]) -> None:
 
   Valid because a group's members close over the same constants (see :func:`group_key`).
   """
-  lead = trainers[0]
   for t in trainers[1:]:
-    t.round = lead.round
-    t.noise_fn = lead.noise_fn
-    t.evaluator = lead.evaluator
-    t._predict = lead._predict_fn()
+    t.share_compiled(trainers[0])
 
 
 def run_trials(configs: Sequence, workdirs: Sequence[str],
@@ -256,114 +280,8 @@ def run_trials(configs: Sequence, workdirs: Sequence[str],
 def run_group(trainers: Sequence[train.Trainer], *, trial_axis: str = 'auto',
               shard_trials: bool = True) -> list[dict]:
   """Trains trials of one group (same :func:`group_key`) with one jitted step per round."""
-  keys = {group_key(t) for t in trainers}
-  if len(keys) != 1 or not all(vectorizable(t) for t in trainers):
-    raise ValueError('run_group: the trials do not share one group key; use group_trainers')
-  lead = trainers[0]
-  n = len(trainers)
-  mesh = trial_mesh(lead, n) if shard_trials else None
-  # Pad the trial axis to a multiple of the mesh size with frozen copies of trial 0.
-  pad = (-n) % mesh.devices.size if mesh is not None else 0
-  step = make_group_step(lead, trial_axis, mesh)
-  noise = make_group_noise(lead)
-  rounds = int(lead.config.fed.rounds)
-  data_x = jnp.asarray(lead.data.train_x)
-  data_y = jnp.asarray(lead.data.train_y)
-  # With a mesh, place every argument as the step expects it (else it compiles twice).
-  put = lambda tree: tree
-  if mesh is not None:
-    data_x, data_y = jax.device_put((data_x, data_y), NamedSharding(mesh, P()))
-    put = lambda tree: jax.device_put(tree, NamedSharding(mesh, P('trials')))
-  paths = [os.path.join(t.workdir, 'metrics.jsonl') for t in trainers]
-  for t, path in zip(trainers, paths):
-    os.makedirs(t.workdir, exist_ok=True)
-    t._resume(None, path)  # fresh start: config.json
-    t.plan.print_header(t.data.client_names, rounds)
-    t._nonfinite = set()
-    t._speed = train._Throughput()
-  states = put(stack_trees([t.initial_state for t in trainers] + [lead.initial_state] * pad))
-  live = np.ones(n, bool)
-  stopped = ['completed'] * n
-  last_eval = [None] * n
-  last_m = [None] * n
-  last_inputs = [None] * n
-  t_start = time.time()
-  with contextlib.ExitStack() as stack:
-    files = [stack.enter_context(open(p, 'a')) for p in paths]
-    for t in trainers:
-      t._tb = writers.TensorBoardWriter(t.workdir) if t.config.eval.tensorboard else None
-      stack.callback(_close_tb, t)
-    upcoming = _plans(trainers, live, 0)
-    for r in range(rounds):
-      t_round = time.time()
-      plans = upcoming
-      for i in range(n):
-        if plans[i] is not None:
-          last_inputs[i] = plans[i][0]
-      inputs = put(stack_trees(last_inputs + last_inputs[:1] * pad))
-      z_next = np.asarray(noise(states.controller, inputs.client_ids), np.float64)
-      for i, t in enumerate(trainers):
-        if not live[i]:
-          continue
-        _, clients, ran = plans[i]
-        blocked = t.plan.would_exceed(r, clients, z_next[i, :len(clients)], ran)
-        if blocked is not None:
-          stopped[i] = (f'budget: round {r} would take silo {blocked} past the target '
-                        f'ε={t.plan.target_epsilon} at δ={t.plan.delta}')
-          print(f'{t.workdir}: stopping before round {r}: {stopped[i]}', flush=True)
-          live[i] = False
-      if not live.any():
-        break
-      live_all = np.concatenate([live, np.zeros(pad, bool)])
-      states, m, finite = step(states, put(jnp.asarray(live_all)), data_x, data_y, inputs)
-      # The host plans of the next round (pure functions of seed and round) while it computes.
-      upcoming = _plans(trainers, live, r + 1) if r + 1 < rounds else None
-      m, finite = jax.device_get((m, finite))
-      host_states = None
-      for i, t in enumerate(trainers):
-        if not live[i]:
-          continue
-        _, clients, ran = plans[i]
-        mi = {k: np.asarray(v)[i] for k, v in m.items()}
-        last_m[i] = mi
-        t.plan.record_round(r, clients, np.asarray(mi['noise_multiplier'])[:len(clients)], ran)
-        ok = np.asarray(mi['client_update_finite'])[:len(clients)]
-        t._nonfinite.update(int(c) for c, good, s in zip(clients, ok, ran)
-                            if s > 0 and not good)
-        if t.audit_scores is not None:
-          t.audit_scores.add(clients, np.where(ok, ran, 0),
-                             np.asarray(mi['canary_scores'])[:len(clients)])
-        t._speed.add(time.time() - t_round, t._expected_examples(clients, ran))
-        if not finite[i]:
-          stopped[i] = f'non-finite global model at round {r}'
-          live[i] = False
-          continue
-        if (r + 1) % int(t.config.eval.every_rounds) == 0 or r + 1 == rounds:
-          if host_states is None:
-            host_states = jax.device_get(states)
-          last_eval[i] = t._log(files[i], r + 1, take_tree(host_states, i), mi, clients,
-                                t_start)
-    summaries = []
-    host_states = jax.device_get(states)
-    for i, t in enumerate(trainers):
-      state = take_tree(host_states, i)
-      if last_eval[i] is None or last_eval[i]['round'] != int(state.round):
-        last_eval[i] = t._log(files[i], int(state.round), state, last_m[i], None, t_start)
-      t.final_state = state
-      summaries.append(t._summary(last_eval[i], int(state.round), stopped[i],
-                                  time.time() - t_start))
-  return summaries
-
-
-def _plans(trainers, live, round_: int) -> list:
-  """``round_inputs(round_)`` of every live trial (None for frozen ones)."""
-  return [t.round_inputs(round_) if on else None for t, on in zip(trainers, live)]
-
-
-def _close_tb(trainer: train.Trainer) -> None:
-  if trainer._tb is not None:
-    trainer._tb.close()
-    trainer._tb = None
+  executor = GroupExecutor(trainers, trial_axis=trial_axis, shard_trials=shard_trials)
+  return driver.run(trainers, executor, progress=False)
 
 
 def composed_epsilons(workdirs: Sequence[str], delta: float) -> list[float]:

@@ -6,6 +6,14 @@ import math
 
 import jax
 
+from adpfl_jax import models
+from adpfl_jax.federated import backends
+from adpfl_jax.federated import server
+from adpfl_jax.privacy import accounting
+from adpfl_jax.privacy import controller
+from adpfl_jax.privacy import plan
+from adpfl_jax.privacy import schedules
+
 
 class ConfigError(ValueError):
   """A config value is invalid; the message names the key and the allowed range."""
@@ -28,16 +36,16 @@ def validate(config) -> None:
   p, f, d, m = config.privacy, config.fed, config.data, config.model
   _check(isinstance(config.seed, int) and config.seed >= 0, 'seed', config.seed,
          'must be a non-negative integer')
-  _choice(config, 'privacy.mode', ('dp', 'none'))
-  _choice(config, 'privacy.mechanism', ('gaussian', 'laplace'))
-  _choice(config, 'privacy.clip_mode', ('fixed', 'quantile', 'percentile'))
-  _choice(config, 'privacy.accountant', ('rdp', 'pld'))
-  _choice(config, 'privacy.noise_schedule', ('constant', 'exponential', 'step', 'linear', 'cosine'))
-  _choice(config, 'privacy.unit', ('example', 'patient', 'lesion'))
-  _choice(config, 'fed.backend', ('auto', 'vmap', 'map', 'sharded', 'loop'))
-  _choice(config, 'fed.server_optimizer', ('fedavg', 'fedavgm', 'fedadam'))
-  _choice(config, 'model.name', ('unet2d', 'unet3d'))
-  _choice(config, 'model.upsample', ('transpose', 'nearest'))
+  _choice(config, 'privacy.mode', plan.PRIVACY_MODES)
+  _choice(config, 'privacy.mechanism', accounting.MECHANISMS)
+  _choice(config, 'privacy.clip_mode', controller.CLIP_MODES)
+  _choice(config, 'privacy.accountant', accounting.ACCOUNTANTS)
+  _choice(config, 'privacy.noise_schedule', schedules.KINDS)
+  _choice(config, 'privacy.unit', plan.UNITS)
+  _choice(config, 'fed.backend', backends.BACKENDS)
+  _choice(config, 'fed.server_optimizer', server.SERVER_OPTIMIZERS)
+  _choice(config, 'model.name', models.MODELS)
+  _choice(config, 'model.upsample', models.UPSAMPLE)
   _check(0 < p.delta < 1, 'privacy.delta', p.delta, 'must be in (0, 1)')
   _check(p.target_epsilon > 0, 'privacy.target_epsilon', p.target_epsilon, 'must be > 0')
   _check(math.isfinite(p.noise_multiplier) and p.noise_multiplier >= 0,
@@ -84,7 +92,7 @@ def validate(config) -> None:
          'must be in (0, 1]')
   _check(an.patience >= 1, 'privacy.adaptive_noise.patience', an.patience, 'must be >= 1')
   _check(an.loss_cap > 0, 'privacy.adaptive_noise.loss_cap', an.loss_cap, 'must be > 0')
-  _choice(config, 'privacy.sparsity.mode', ('none', 'random', 'topk_prev'))
+  _choice(config, 'privacy.sparsity.mode', controller.SPARSITY_MODES)
   _check(0 < p.sparsity.fraction <= 1, 'privacy.sparsity.fraction', p.sparsity.fraction,
          'must be in (0, 1]')
   au = p.audit

@@ -36,11 +36,10 @@ if 'XLA_FLAGS' not in os.environ:
   os.environ['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={os.cpu_count() or 1}'
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from adpfl_jax import driver  # noqa: E402
 from adpfl_jax import sweep  # noqa: E402
 from adpfl_jax.data import federated  # noqa: E402
 
@@ -79,53 +78,35 @@ def make_configs(args) -> list:
   return configs
 
 
-def run_vectorized(trainers, data_x, data_y, rounds, axis, shard):
-  """Returns (first-call seconds, [seconds of each later round])."""
-  lead = trainers[0]
-  n = len(trainers)
-  mesh = sweep.trial_mesh(lead, n) if shard else None
-  pad = (-n) % mesh.devices.size if mesh is not None else 0
-  put = lambda tree: tree
-  if mesh is not None:
-    data_x, data_y = jax.device_put((data_x, data_y), NamedSharding(mesh, P()))
-    put = lambda tree: jax.device_put(tree, NamedSharding(mesh, P('trials')))
-  step = sweep.make_group_step(lead, axis, mesh)
-  noise = sweep.make_group_noise(lead)
-  states = put(sweep.stack_trees([t.initial_state for t in trainers] + [lead.initial_state] * pad))
-  live = put(jnp.asarray(np.arange(n + pad) < n))
+def run_vectorized(trainers, rounds, axis, shard):
+  """Returns (first-call seconds, [seconds of each later round]): the group executor's step, as
+  ``driver.run`` calls it for a sweep group (host plans of the next round overlap the step)."""
+  executor = sweep.GroupExecutor(trainers, trial_axis=axis, shard_trials=shard)
+  data_x, data_y = executor.place(trainers[0].data.train_x, trainers[0].data.train_y)
+  states = executor.stack([t.initial_state for t in trainers])
+  live = np.ones(len(trainers), bool)
   times = []
-  upcoming = [t.round_inputs(0) for t in trainers]
+  upcoming = [t.round_inputs(0)[0] for t in trainers]
   for r in range(rounds):
     t0 = time.perf_counter()
-    plans = upcoming
-    inputs = put(sweep.stack_trees([p[0] for p in plans] + [plans[0][0]] * pad))
-    z = np.asarray(noise(states.controller, inputs.client_ids), np.float64)
-    for i, (t, (_, clients, ran)) in enumerate(zip(trainers, plans)):
-      if t.plan.would_exceed(r, clients, z[i, :len(clients)], ran) is not None:
-        raise RuntimeError('benchmark trials must not hit their budget')
-    states, m, _ = step(states, live, data_x, data_y, inputs)
-    upcoming = [t.round_inputs(r + 1) for t in trainers]  # overlaps the step, as run_group does
-    m = jax.device_get(m)
-    for i, (t, (_, clients, ran)) in enumerate(zip(trainers, plans)):
-      t.plan.record_round(r, clients, np.asarray(m['noise_multiplier'][i])[:len(clients)], ran)
+    states, outs = executor.step(states, live, data_x, data_y, upcoming)
+    upcoming = [t.round_inputs(r + 1)[0] for t in trainers]
+    executor.outputs(outs)
     times.append(time.perf_counter() - t0)
   return times[0], times[1:]
 
 
-def run_sequential(trainers, data_x, data_y, rounds):
+def run_sequential(trainers, rounds):
   """Returns (first-call seconds, [seconds of each later round, summed over trials])."""
   per_round = np.zeros(rounds)
   for t in trainers:
+    executor = driver.SingleExecutor(t)
+    data_x, data_y = executor.place(t.data.train_x, t.data.train_y)
     state = t.initial_state
     for r in range(rounds):
       t0 = time.perf_counter()
-      inputs, clients, ran = t.round_inputs(r)
-      z = np.asarray(t.noise_fn(state.controller, inputs.client_ids), np.float64)
-      if t.plan.would_exceed(r, clients, z[:len(clients)], ran) is not None:
-        raise RuntimeError('benchmark trials must not hit their budget')
-      state, m = t.round.step(state, data_x, data_y, inputs)
-      m = jax.device_get(m)
-      t.plan.record_round(r, clients, np.asarray(m['noise_multiplier'])[:len(clients)], ran)
+      state, outs = executor.step(state, None, data_x, data_y, [t.round_inputs(r)[0]])
+      executor.outputs(outs)
       per_round[r] += time.perf_counter() - t0
   # Column 0 holds the compiling call plus N - 1 steady-state trial-rounds.
   return per_round[0], list(per_round[1:])
@@ -151,7 +132,6 @@ def main(argv=None):
   tmp = tempfile.mkdtemp(prefix='adpfl_sweep_bench_')
   build = lambda tag: sweep.build_trainers(
       configs, [os.path.join(tmp, f'{tag}_{i}') for i in range(args.trials)], data)
-  data_x, data_y = jnp.asarray(data.train_x), jnp.asarray(data.train_y)
   seq_trainers = build('seq')
   print(f'devices: {jax.devices()}; {args.trials} trials, backend {seq_trainers[0].backend}, '
         f'image {args.image_size}, features {args.features}, {args.local_steps} local steps',
@@ -159,7 +139,7 @@ def main(argv=None):
   if len(sweep.group_trainers(seq_trainers)) != 1:
     raise SystemExit('the benchmark trials do not form one group')
   sweep.share_compiled(seq_trainers)
-  seq_first, seq_rounds = run_sequential(seq_trainers, data_x, data_y, args.rounds + 1)
+  seq_first, seq_rounds = run_sequential(seq_trainers, args.rounds + 1)
   seq_round = float(np.median(seq_rounds))
   seq_compile = max(seq_first - seq_round, 0.0)  # column 0 = compile + one N-trial round
   print(f'sequential:      {seq_round:.3f} s per round of {args.trials} trials '
@@ -175,7 +155,7 @@ def main(argv=None):
   for axis, shard in variants:
     name = f'{axis}' + (f'+{min(jax.device_count(), args.trials)}dev' if shard else '')
     trainers = build(f'vec_{name}')
-    first, rounds = run_vectorized(trainers, data_x, data_y, args.rounds + 1, axis, shard)
+    first, rounds = run_vectorized(trainers, args.rounds + 1, axis, shard)
     vec_round = float(np.median(rounds))
     vec_compile = max(first - vec_round, 0.0)
     ratio = seq_round / vec_round

@@ -11,40 +11,27 @@ import pytest
 
 from adpfl_jax import sweep
 from adpfl_jax import train
-from adpfl_jax.configs import common
-from adpfl_jax.configs import default
-from adpfl_jax.data import federated
 
 ROOT = os.path.join(os.path.dirname(__file__), '..')
 TIMING = ('wall_seconds', 'examples_per_second', 'seconds_per_round')
 ROUNDS = 3
 
 
-def tiny(seed, epsilon, **kw):
-  c = default.get_config()
-  c.seed = seed
-  c.data.examples_per_client = 24
-  c.data.test_examples_per_client = 4
-  c.data.image_size = 8
-  c.model.features = 4
-  c.model.depth = 1
-  c.model.groups = 2
-  c.fed.rounds = ROUNDS
-  c.fed.local_steps = 2
-  c.privacy.batch_size = 6
-  c.privacy.accountant = 'rdp'  # quick to build; n = 24 is then the padded batch for ε ≥ 20
-  c.privacy.target_epsilon = epsilon
-  c.eval.every_rounds = 1
-  c.eval.surface_metrics = False
-  c.eval.tensorboard = False
-  c.checkpoint.every_rounds = 0
-  c.log.progress = False
-  for key, value in kw.items():
-    common.set_path(c, key, value)
-  return c
+@pytest.fixture(scope='module')
+def tiny(tiny_config):
+  """The shared tiny run over 3 rounds, no surface metrics, TensorBoard or checkpoints."""
+  return lambda seed, epsilon, **kw: tiny_config(**{
+      'seed': seed, 'privacy.target_epsilon': epsilon, 'fed.rounds': ROUNDS,
+      'eval.surface_metrics': False, 'eval.tensorboard': False, 'checkpoint.every_rounds': 0,
+      **kw})
 
 
-def trial_configs():
+@pytest.fixture(scope='module')
+def data(tiny_data):
+  return tiny_data
+
+
+def trial_configs(tiny):
   # A: calibrated to a loose target, runs every round. B: another seed and target, and a fixed
   # noise multiplier too small for its target: its own plan stops it before the last round.
   return [tiny(0, 50.0),
@@ -52,17 +39,11 @@ def trial_configs():
 
 
 @pytest.fixture(scope='module')
-def data():
-  c = tiny(0, 50.0)
-  return federated.load(c.data, c.seed)
-
-
-@pytest.fixture(scope='module')
-def runs(data, tmp_path_factory):
+def runs(data, tmp_path_factory, tiny):
   """The two trials vectorized (one group; trials vmapped, and lax.map-ped over the devices the
   test setup forces), and each run alone through ``Trainer.run``."""
   root = tmp_path_factory.mktemp('sweep')
-  configs = trial_configs()
+  configs = trial_configs(tiny)
   vec, groups = {}, None
   for axis, shard in (('vmap', False), ('map', True)):
     trainers = sweep.build_trainers(configs, [str(root / f'{axis}_{i}') for i in range(2)], data)
@@ -148,7 +129,7 @@ def test_trial_over_budget_freezes_while_other_continues(runs):
   assert len(_rows(ta.workdir)) == ROUNDS
 
 
-def test_trials_of_one_seed_draw_independent_noise_and_batches(data, tmp_path):
+def test_trials_of_one_seed_draw_independent_noise_and_batches(data, tmp_path, tiny):
   # Review finding: trials of one seed at several ε shared their noise key and Poisson batches, so
   # a linear combination of two released first-round updates could cancel the noise.
   a = train.Trainer(tiny(0, 20.0), str(tmp_path / 'a'), data=data)
@@ -177,7 +158,7 @@ def test_composed_epsilon_of_a_sweep_covers_all_trials(runs):
     assert eps <= sa['epsilon_per_client'][k] + sb['epsilon_per_client'][k] + 1e-6
 
 
-def test_grid_configs_cells():
+def test_grid_configs_cells(tiny):
   make = lambda method, seed: tiny(seed, 1.0, **(
       {'privacy.mode': 'none'} if method == 'npfl' else {}))
   cells = sweep.grid_configs(make, ['dpfl', 'npfl'], [1.0, 4.0], [0, 1])

@@ -20,24 +20,9 @@ from jax.flatten_util import ravel_pytree
 
 from adpfl_jax.privacy import clipping
 from adpfl_jax.privacy import noise as noise_lib
+from adpfl_jax.privacy.controller import ClientDP
 
 PyTree = Any
-
-
-class ClientDP(NamedTuple):
-  """Per-client privacy parameters of one round (arrays; a leading client axis when stacked)."""
-
-  clip: jax.Array  # clip norm C (L2 for Gaussian, L1 for Laplace)
-  noise_grad: jax.Array  # noise multiplier applied to the gradient sum (z_Δ; total z if no aux)
-  aux_std: jax.Array  # noise std of each auxiliary count (0 ⇒ none)
-  grid: jax.Array  # (G,) clip grid for the private percentile histogram
-  expected_batch: jax.Array  # q·n, public
-  lr: jax.Array  # client learning rate
-  sparsity_mask: jax.Array  # flat 0/1 mask over parameters (public randomness or public info)
-  # Privacy audit (``privacy/audit.py``), None when off: the (m,) coordinates of this silo's
-  # canaries and the (steps, m) 0/1 plan of which included canaries each step samples.
-  canary_index: jax.Array | None = None
-  canary_mask: jax.Array | None = None
 
 
 class ClientConfig(NamedTuple):
@@ -60,10 +45,6 @@ class ClientConfig(NamedTuple):
   loss_cap: float = 2.0
   audit: bool = False  # add the planned gradient canaries (``privacy/audit.py``)
   canary_scale: float = 1.0  # canary gradient norm where no clip applies (non-private runs)
-
-
-def aux_size(cfg: 'ClientConfig', grid_size: int) -> int:
-  return sum(grid_size if a == 'cdf' else 1 for a in cfg.aux)
 
 
 def client_update(cfg: ClientConfig, params: PyTree, xb: jax.Array, yb: jax.Array,

@@ -9,8 +9,9 @@ Poisson batches are drawn from the run's ``entropy`` = ``(seed, identity)``, whe
 anything (e.g. sweep trials of one seed at several ε) never share their batches.
 
 Poisson sampling inside a client is realised as fixed-size padded index arrays plus masks (static
-shapes for jit). The array holds ``max_batch`` slots, chosen as ``ceil(m + k·sd)`` where
-``m = q·n`` is the expected batch and ``sd = sqrt(n·q·(1-q))``. If a Poisson draw is larger than
+shapes for jit). The array holds ``max_batch`` slots, chosen by the privacy plan
+(``privacy/plan.py``, ``max_batch_size``: ``ceil(m + k·sd)`` where ``m = q·n`` is the expected
+batch and ``sd = sqrt(n·q·(1-q))``). If a Poisson draw is larger than
 ``max_batch`` (probability about 3e-5 per step for k = 4), a uniformly random subset of
 ``max_batch`` of the drawn examples is kept: this is *truncated* Poisson sampling, and the ledger
 accounts it as such (``TruncatedSubsampledGaussianDpEvent``, arXiv 2508.15089) whenever truncation
@@ -21,13 +22,20 @@ truncated.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import numpy as np
 
 _PARTICIPATION = 0x5A11
 _EXAMPLES = 0xE4A3
+
+
+def participation(seed: int, rounds: int, num_clients: int, clients_per_round: int) -> np.ndarray:
+  """(rounds, K) bool: which clients take part in each round (public, a function of the seed)."""
+  out = np.zeros((rounds, num_clients), bool)
+  for r in range(rounds):
+    out[r, participating_clients(seed, r, num_clients, clients_per_round)] = True
+  return out
 
 
 def participating_clients(seed: int, round_: int, num_clients: int,
@@ -41,27 +49,11 @@ def participating_clients(seed: int, round_: int, num_clients: int,
   return np.sort(rng.choice(num_clients, clients_per_round, replace=False)).astype(np.int32)
 
 
-def max_batch_size(n: int, q: float, sigmas: float = 4.0) -> int:
-  """Slots of the padded Poisson batch for a client of ``n`` examples sampled at rate ``q``.
-
-  At most ``n + 1``: that many slots hold every draw of the client *and* of its add-one
-  neighbour (n + 1 records), so nothing can be truncated and the ledger accounts plain Poisson
-  sampling (``sigmas=inf`` always gives ``n + 1``). A size of exactly n would still truncate the
-  neighbour's draws (accounted, but costly when q is large).
-  """
-  if not math.isfinite(sigmas):
-    return int(n) + 1
-  m = n * q
-  size = math.ceil(m + sigmas * math.sqrt(n * q * (1.0 - q)))
-  return int(n) + 1 if size >= n else max(1, size)
-
-
 class BatchPlan(NamedTuple):
   """Example indices and masks of one client's local steps in one round."""
 
   indices: np.ndarray  # (steps, max_batch) int32, 0 in padded slots
   mask: np.ndarray  # (steps, max_batch) float32
-  drawn: np.ndarray  # (steps,) Poisson draw sizes before truncation
   truncated: int  # how many steps were truncated
 
 
@@ -74,17 +66,15 @@ def poisson_plan(entropy, round_: int, client: int, n: int, q: float, steps: int
   rng = np.random.default_rng([*_words(entropy), round_, client, _EXAMPLES])
   indices = np.zeros((steps, max_batch), np.int32)
   mask = np.zeros((steps, max_batch), np.float32)
-  drawn = np.zeros(steps, np.int64)
   truncated = 0
   for s in range(steps):
     chosen = np.flatnonzero(rng.random(n) < q)
-    drawn[s] = chosen.size
     if chosen.size > max_batch:
       chosen = np.sort(rng.choice(chosen, max_batch, replace=False))
       truncated += 1
     indices[s, :chosen.size] = chosen
     mask[s, :chosen.size] = 1.0
-  return BatchPlan(indices, mask, drawn, truncated)
+  return BatchPlan(indices, mask, truncated)
 
 
 def _words(entropy) -> list[int]:
@@ -101,6 +91,13 @@ def round_plan(entropy, round_: int, clients: np.ndarray, sizes: np.ndarray,
 
 
 _FAULTS = 0xFA17
+
+
+def client_ids(value) -> list[int]:
+  """Client ids from a comma-separated string (``faults.nan_clients``) or a sequence."""
+  if isinstance(value, str):
+    return [int(v) for v in value.replace(' ', '').split(',') if v]
+  return [int(v) for v in value]
 
 
 class FaultPlan(NamedTuple):

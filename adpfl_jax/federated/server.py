@@ -1,17 +1,20 @@
-"""Server state and the federated round.
+"""Server state and the federated round, as a value: ``FederatedRound(init, apply)``.
 
 A round: the host picks the participating clients and their Poisson batches (a pure function of
-``(seed, round)``, see ``sampling.py``); the round gathers the batches from the device-resident
-client data, runs every sampled client's local DP-SGD through the configured backend, drops
-clients whose update is not finite, averages the updates weighted by the clients' (public) sizes,
-applies the server optimizer (FedAvg = SGD with lr 1 on the averaged update; FedAdam by config)
-and lets the controller update clip and noise from the clients' privatized reports. For the
-``vmap``/``map``/``sharded`` backends all of this is one jitted function.
+the run's seed and identity, see ``sampling.py``); ``apply`` gathers the batches from the
+device-resident client data, runs every sampled client's local DP-SGD through the configured
+backend, drops clients whose update is not finite, averages the updates weighted by the clients'
+(public) sizes, applies the server optimizer (FedAvg = SGD with lr 1 on the averaged update;
+FedAvgM / FedAdam by config) and lets the controller update clip and noise from the clients'
+privatized reports. For the ``vmap``/``map``/``sharded`` backends all of this is one jitted
+function. Besides the new state, ``apply`` returns what the host needs before the next round —
+``next_noise`` (the total noise multiplier every silo would use next, for the budget stop) and
+``params_finite`` — so the host never copies parameters or calls the device again between rounds.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import flax
 import jax
@@ -37,6 +40,9 @@ class ServerState:
   key: jax.Array  # base PRNG key (uint32 key data); round keys are fold_in(key, round)
 
 
+SERVER_OPTIMIZERS = ('fedavg', 'fedavgm', 'fedadam')
+
+
 def server_optimizer(fed_cfg) -> optax.GradientTransformation:
   name = fed_cfg.server_optimizer
   if name == 'fedavg':
@@ -45,8 +51,7 @@ def server_optimizer(fed_cfg) -> optax.GradientTransformation:
     return optax.sgd(float(fed_cfg.server_lr), momentum=float(fed_cfg.server_momentum))
   if name == 'fedadam':
     return optax.adam(float(fed_cfg.server_lr), b1=0.9, b2=0.99, eps=1e-3)
-  raise ValueError(f"config.fed.server_optimizer={name!r} is not one of "
-                   "('fedavg', 'fedavgm', 'fedadam')")
+  raise ValueError(f'config.fed.server_optimizer={name!r} is not one of {SERVER_OPTIMIZERS}')
 
 
 def init_state(params: PyTree, tx: optax.GradientTransformation,
@@ -79,7 +84,7 @@ def _gather(data_x, data_y, inputs: RoundInputs):
   return data_x[ids, inputs.indices], data_y[ids, inputs.indices]
 
 
-def _with_canaries(dp: client_lib.ClientDP, inputs: RoundInputs) -> client_lib.ClientDP:
+def _with_canaries(dp: controller_lib.ClientDP, inputs: RoundInputs) -> controller_lib.ClientDP:
   if inputs.canary_index is None:
     return dp
   return dp._replace(canary_index=inputs.canary_index, canary_mask=inputs.canary_mask)
@@ -112,18 +117,19 @@ def _finish(state, tx, controller, inputs, deltas, reports, z_total, dp):
   avg_flat = jnp.tensordot(w, jnp.where(finite[:, None], flat, 0.0), 1)
   ctrl = controller.update(state.controller, inputs.client_ids, reports, finite, inputs.weights,
                            avg_flat)
-  real = inputs.weights > 0
   metrics = {
       'train_loss': jnp.sum(jnp.where(finite, reports['train_loss'], 0.0) * w),
       'update_norm': optax.global_norm(avg),
-      'client_finite': finite,
       'client_update_finite': update_finite,
-      'client_real': real,
-      'clip_norm': dp.clip,
       'noise_multiplier': z_total,
       'noise_multiplier_grad': dp.noise_grad,
       'aux': reports['aux'],
       'noise_adapt': ctrl.adapt,
+      # For the host's next round: every silo's total noise multiplier (budget stop) and
+      # whether the new global model is finite (no parameter copy to the host needed).
+      'next_noise': controller.total_noise(ctrl),
+      'params_finite': jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf))
+                                          for leaf in jax.tree_util.tree_leaves(params)])),
   }
   if dp.canary_index is not None:
     # The audit's scores: each client's released update at its canary coordinates, negated
@@ -134,19 +140,30 @@ def _finish(state, tx, controller, inputs, deltas, reports, z_total, dp):
   return new_state, metrics
 
 
-class Round(NamedTuple):
-  """``step(state, data_x, data_y, inputs) -> (state, metrics)`` plus what built it."""
+class FederatedRound(NamedTuple):
+  """A federated algorithm as a value (cf. fedjax's ``FederatedAlgorithm``).
 
-  step: Any
+  ``init(params, seed, identity) -> ServerState``; ``apply(state, data_x, data_y, inputs) ->
+  (state, outputs)`` runs one round (jitted); ``noise(controller_state) -> (K,)`` the total noise
+  multiplier of every silo at the state's round (jitted; the host needs it once, before the first
+  round it runs — later ones come in ``outputs['next_noise']``).
+  """
+
+  init: Callable
+  apply: Callable
+  noise: Callable
   backend: str
-  jitted: Any  # the jitted function(s), for compile-count checks
-  fn: Any = None  # the un-jitted round function (one-jit backends), e.g. to vmap over trials
+  jitted: tuple  # the jitted function(s), for compile-count checks
+  fn: Callable | None = None  # un-jitted ``apply`` (one-jit backends), to map over trials
 
 
 def build_round(cfg: client_lib.ClientConfig, tx, controller: controller_lib.Controller,
-                backend: str, *, chunk_size: int = 1, mesh=None, donate: bool = False) -> Round:
-  """Builds the round function for ``backend`` (already resolved, not ``auto``)."""
+                backend: str, *, chunk_size: int = 1, mesh=None,
+                donate: bool = False) -> FederatedRound:
+  """Builds the round for ``backend`` (already resolved, not ``auto``)."""
   per_client = lambda *a: client_lib.client_update(cfg, *a)
+  init = lambda params, seed, identity=0: init_state(params, tx, controller, seed, identity)
+  noise = jax.jit(controller.total_noise)
 
   if backend in backends.ONE_JIT:
     mapped = backends.build(backend, per_client, chunk_size=chunk_size, mesh=mesh)
@@ -160,7 +177,8 @@ def build_round(cfg: client_lib.ClientConfig, tx, controller: controller_lib.Con
       return _finish(state, tx, controller, inputs, deltas, reports, z_total, dp)
 
     jitted = jax.jit(round_fn, donate_argnums=(0,) if donate else ())
-    return Round(step=jitted, backend=backend, jitted=(jitted,), fn=round_fn)
+    return FederatedRound(init=init, apply=jitted, noise=noise, backend=backend,
+                          jitted=(jitted,), fn=round_fn)
 
   if backend != 'loop':
     raise ValueError(f'unknown backend {backend!r}')
@@ -182,4 +200,5 @@ def build_round(cfg: client_lib.ClientConfig, tx, controller: controller_lib.Con
     deltas, reports = mapped(state.params, xb, yb, inputs.mask, dp, keys, inputs.active)
     return finish(state, inputs, deltas, reports, z_total, dp)
 
-  return Round(step=loop_round, backend='loop', jitted=(prepare, client_jit, finish))
+  return FederatedRound(init=init, apply=loop_round, noise=noise, backend='loop',
+                        jitted=(prepare, client_jit, finish))

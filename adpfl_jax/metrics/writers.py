@@ -11,12 +11,15 @@ import jax
 class TensorBoardWriter:
   """Scalars of every evaluation row to ``<workdir>/tensorboard`` (tensorboardX event files)."""
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir: str, purge_step: int | None = None):
+    """``purge_step``: a resumed run drops the events it logged at or after this step before it
+    was interrupted (they are logged again), so curves never hold two copies of a round."""
     self._writer = None
     if jax.process_index() != 0:
       return
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._writer = SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'))
+    self._writer = SummaryWriter(logdir=os.path.join(workdir, 'tensorboard'),
+                                 purge_step=purge_step)
 
   def write(self, row: dict) -> None:
     if self._writer is None:

@@ -6,14 +6,15 @@ from typing import Sequence
 
 from adpfl_jax.models import unet
 
-_MODELS = ('unet2d', 'unet3d')
+MODELS = ('unet2d', 'unet3d')
+UPSAMPLE = ('transpose', 'nearest')
 
 
 def get_model(model_config, input_shape: Sequence[int], num_classes: int) -> unet.ModelSpec:
   """Builds the model named ``model_config.name`` for one example of ``input_shape``."""
   name = model_config.name
-  if name not in _MODELS:
-    raise ValueError(f'config.model.name={name!r} is not a known model; choose one of {_MODELS}')
+  if name not in MODELS:
+    raise ValueError(f'config.model.name={name!r} is not a known model; choose one of {MODELS}')
   ndim = 2 if name == 'unet2d' else 3
   if len(input_shape) != ndim + 1:
     raise ValueError(f'config.model.name={name!r} expects {ndim}D inputs with channels last, '
@@ -23,8 +24,8 @@ def get_model(model_config, input_shape: Sequence[int], num_classes: int) -> une
       features=int(model_config.features),
       depth=int(model_config.depth),
       ndim=ndim,
-      upsample=model_config.get('upsample', 'transpose'),
-      groups=int(model_config.get('groups', 8)),
-      fast_conv=bool(model_config.get('fast_conv', True)),
+      upsample=model_config.upsample,
+      groups=int(model_config.groups),
+      fast_conv=bool(model_config.fast_conv),
   )
   return unet.ModelSpec(module=module, input_shape=tuple(input_shape))

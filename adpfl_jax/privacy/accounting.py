@@ -52,12 +52,8 @@ of the dataset that *contains* the differing record:
   Size B a few standard deviations above qn and η is negligible (e.g. 1e-12); if B is tight,
   use ``accountant='pld'``. Truncation is only defined for the Gaussian mechanism.
 
-Public noise schedules and calibration: ``calibrate_scale`` (generic: a function from a scale s
-to the ledger runs of the planned run), ``calibrate_noise_multiplier`` (constant σ or σ_t = s ·
-schedule(t)) and ``calibrate_noise_multipliers`` (one σ_k per silo), all driven by
-``dp_accounting.calibrate_dp_mechanism``, which returns a parameter with ε ≤ target.
-
-Data-dependent noise choices need a filter fixed in advance: ``RdpFilter`` (Feldman & Zrnic).
+Calibration of planned runs lives in ``calibration.py``; the Rényi filter for data-dependent σ in
+``filters.py``. ``merge_runs`` is the one run-length encoding of ledgers and plans.
 """
 
 from __future__ import annotations
@@ -68,7 +64,6 @@ import json
 import math
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
-import attr
 import dp_accounting
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.rdp import rdp_privacy_accountant as rdp_lib
@@ -89,7 +84,7 @@ Run = tuple['StepSpec', int]
 # ------------------------------------------------------------------------------------------------
 # Validation helpers. Every error names the offending parameter and value.
 # ------------------------------------------------------------------------------------------------
-def _as_float(value: Any, name: str) -> float:
+def as_float(value: Any, name: str) -> float:
   if isinstance(value, bool):
     raise ValueError(f'{name} must be a number, got {value!r}')
   try:
@@ -101,7 +96,7 @@ def _as_float(value: Any, name: str) -> float:
   return out
 
 
-def _as_int(value: Any, name: str, minimum: int) -> int:
+def as_int(value: Any, name: str, minimum: int) -> int:
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
       value = int(value)
@@ -114,7 +109,7 @@ def _as_int(value: Any, name: str, minimum: int) -> int:
 
 def check_sampling_rate(sampling_rate: Any, name: str = 'sampling_rate') -> float:
   """Returns ``sampling_rate`` as a float after checking it lies in (0, 1]."""
-  q = _as_float(sampling_rate, name)
+  q = as_float(sampling_rate, name)
   if not 0.0 < q <= 1.0:
     raise ValueError(f'{name} must be in (0, 1], got {sampling_rate!r}')
   return q
@@ -122,7 +117,7 @@ def check_sampling_rate(sampling_rate: Any, name: str = 'sampling_rate') -> floa
 
 def check_noise_multiplier(noise_multiplier: Any, name: str = 'noise_multiplier') -> float:
   """Returns ``noise_multiplier`` as a float after checking it is finite and >= 0."""
-  z = _as_float(noise_multiplier, name)
+  z = as_float(noise_multiplier, name)
   if not math.isfinite(z) or z < 0.0:
     raise ValueError(f'{name} must be finite and >= 0 (0 means no noise: ε = inf), got '
                      f'{noise_multiplier!r}')
@@ -131,7 +126,7 @@ def check_noise_multiplier(noise_multiplier: Any, name: str = 'noise_multiplier'
 
 def check_delta(delta: Any, name: str = 'delta') -> float:
   """Returns ``delta`` as a float after checking it lies in (0, 1)."""
-  d = _as_float(delta, name)
+  d = as_float(delta, name)
   if not 0.0 < d < 1.0:
     raise ValueError(f'{name} must be in (0, 1), got {delta!r}')
   return d
@@ -139,7 +134,7 @@ def check_delta(delta: Any, name: str = 'delta') -> float:
 
 def check_target_epsilon(target_epsilon: Any, name: str = 'target_epsilon') -> float:
   """Returns ``target_epsilon`` as a float after checking it is finite and > 0."""
-  e = _as_float(target_epsilon, name)
+  e = as_float(target_epsilon, name)
   if not math.isfinite(e) or e <= 0.0:
     raise ValueError(f'{name} must be finite and > 0, got {target_epsilon!r}')
   return e
@@ -212,8 +207,8 @@ class StepSpec:
       raise ValueError('truncated_batch_size and dataset_size must be given together, got '
                        f'truncated_batch_size={b!r}, dataset_size={n!r}')
     if b is not None:
-      setattr_('truncated_batch_size', _as_int(b, 'truncated_batch_size', 1))
-      setattr_('dataset_size', _as_int(n, 'dataset_size', 1))
+      setattr_('truncated_batch_size', as_int(b, 'truncated_batch_size', 1))
+      setattr_('dataset_size', as_int(n, 'dataset_size', 1))
       if self.truncated_batch_size > self.dataset_size:
         # Even the add-one neighbour (n + 1 records) fits: plain Poisson sampling.
         setattr_('truncated_batch_size', None)
@@ -415,20 +410,21 @@ def _epsilon_with_truncation(epsilon_of_delta: Callable[[float], float], delta: 
   return eps if f(eps) <= eps else math.inf
 
 
-def _merge(runs: Iterable[tuple[StepSpec, int]]) -> list[list[Any]]:
+def merge_runs(runs: Iterable[tuple[StepSpec, int]]) -> tuple[Run, ...]:
+  """Run-length encoding: consecutive equal specs merge into one ``(spec, count)`` run."""
   merged: list[list[Any]] = []
   for spec, count in runs:
     if merged and merged[-1][0] == spec:
       merged[-1][1] += count
     else:
       merged.append([spec, count])
-  return merged
+  return tuple((spec, count) for spec, count in merged)
 
 
-def _validate_run(spec: Any, count: Any, accountant: str) -> tuple[StepSpec, int]:
+def validate_run(spec: Any, count: Any, accountant: str) -> tuple[StepSpec, int]:
   if not isinstance(spec, StepSpec):
     raise TypeError(f'spec must be a StepSpec, got {type(spec).__name__}: {spec!r}')
-  count = _as_int(count, 'count', 1)
+  count = as_int(count, 'count', 1)
   _check_supported(spec, accountant)
   return spec, count
 
@@ -481,17 +477,17 @@ class Ledger:
                rdp_orders: Optional[Sequence[float]] = None):
     self._accountant = check_accountant(accountant)
     self._relation = check_neighboring_relation(neighboring_relation)
-    disc = _as_float(pld_discretization, 'pld_discretization')
+    disc = as_float(pld_discretization, 'pld_discretization')
     if not (math.isfinite(disc) and 0.0 < disc <= 1.0):
       raise ValueError(f'pld_discretization must be in (0, 1], got {pld_discretization!r}')
     self._discretization = disc
     if rdp_orders is None:
       self._orders = DEFAULT_RDP_ORDERS
     else:
-      self._orders = tuple(_as_float(a, 'rdp_orders') for a in rdp_orders)
+      self._orders = tuple(as_float(a, 'rdp_orders') for a in rdp_orders)
       if not self._orders or min(self._orders) <= 1.0:
         raise ValueError(f'rdp_orders must be a non-empty list of orders > 1, got {rdp_orders!r}')
-    self._runs: list[list[Any]] = []
+    self._runs: tuple[Run, ...] = ()
 
   # -- configuration -----------------------------------------------------------------------------
   @property
@@ -514,7 +510,7 @@ class Ledger:
   @property
   def runs(self) -> tuple[Run, ...]:
     """The recorded runs, in order, as hashable ``(StepSpec, count)`` tuples."""
-    return tuple((spec, count) for spec, count in self._runs)
+    return self._runs
 
   @property
   def steps(self) -> int:
@@ -523,11 +519,8 @@ class Ledger:
 
   def record(self, spec: StepSpec, count: int = 1) -> None:
     """Appends ``count`` steps of ``spec`` (merged into the last run if the spec is equal)."""
-    spec, count = _validate_run(spec, count, self._accountant)
-    if self._runs and self._runs[-1][0] == spec:
-      self._runs[-1][1] += count
-    else:
-      self._runs.append([spec, count])
+    spec, count = validate_run(spec, count, self._accountant)
+    self._runs = merge_runs(self._runs + ((spec, count),))
 
   def extend(self, runs: Iterable[tuple[StepSpec, int]]) -> None:
     """Records every ``(spec, count)`` of ``runs`` in order."""
@@ -536,7 +529,7 @@ class Ledger:
 
   def copy(self) -> 'Ledger':
     other = Ledger(self._accountant, self._relation, self._discretization, self._orders)
-    other._runs = [list(run) for run in self._runs]  # pylint: disable=protected-access
+    other.extend(self._runs)
     return other
 
   # -- privacy -----------------------------------------------------------------------------------
@@ -547,8 +540,8 @@ class Ledger:
 
   def epsilon_if(self, extra: Iterable[tuple[StepSpec, int]], delta: float) -> float:
     """ε after also recording ``extra`` (a list of ``(spec, count)``), without recording it."""
-    runs = _merge([tuple(run) for run in self._runs] +
-                  [_validate_run(spec, count, self._accountant) for spec, count in extra])
+    runs = merge_runs(list(self._runs) +
+                      [validate_run(spec, count, self._accountant) for spec, count in extra])
     return _epsilon_of_runs(runs, delta, self._accountant, self._discretization, self._orders)
 
   def dp_event(self) -> dp_accounting.DpEvent:
@@ -654,408 +647,3 @@ def quantize_noise(noise_multiplier: float, grid: Union[float, Sequence[float]])
     raise ValueError(f'noise_multiplier={z!r} is below the smallest grid value {values[0]!r}; '
                      'rounding it down would give 0 (no privacy)')
   return float(values[i])
-
-
-# ------------------------------------------------------------------------------------------------
-# Calibration.
-# ------------------------------------------------------------------------------------------------
-@attr.s(frozen=True, slots=True, auto_attribs=True)
-class _PlanDpEvent(dp_accounting.DpEvent):
-  """A planned run list, wrapped so ``calibrate_dp_mechanism`` can pass it to our accountant."""
-
-  runs: tuple
-
-
-class _LedgerAccountant(dp_accounting.PrivacyAccountant):
-  """A ``PrivacyAccountant`` backed by ``Ledger`` (cached RDP vectors / PLDs)."""
-
-  def __init__(self, accountant: str, pld_discretization: float,
-               rdp_orders: Optional[Sequence[float]]):
-    super().__init__(NeighboringRelation.ADD_OR_REMOVE_ONE)
-    self._book = Ledger(accountant, pld_discretization=pld_discretization, rdp_orders=rdp_orders)
-
-  def _maybe_compose(self, event, count, do_compose):
-    if isinstance(event, dp_accounting.NoOpDpEvent):
-      return None
-    if not isinstance(event, _PlanDpEvent):
-      return self.CompositionErrorDetails(event, 'only planned run lists are supported')
-    if do_compose:
-      for spec, c in event.runs:
-        self._book.record(spec, c * count)
-    return None
-
-  def get_epsilon(self, target_delta: float) -> float:
-    return self._book.epsilon(target_delta)
-
-
-def calibrate_scale(make_runs: Callable[[float], Iterable[tuple[StepSpec, int]]],
-                    target_epsilon: float, delta: float, accountant: str = 'rdp', *,
-                    pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
-                    rdp_orders: Optional[Sequence[float]] = None,
-                    initial_scale: float = 1.0,
-                    initial_bracket: Optional[tuple[float, float]] = None,
-                    rtol: float = 1e-6) -> float:
-  """Smallest scale s whose planned ledger ``make_runs(s)`` has ε ≤ ``target_epsilon``.
-
-  ``make_runs(s)`` returns the ``(StepSpec, count)`` runs of the planned run at scale s; ε must be
-  non-increasing in s (e.g. σ_t = s · shape(t)). The search brackets s by doubling/halving from
-  ``initial_scale`` and then calls ``dp_accounting.calibrate_dp_mechanism`` on the bracket, with
-  an accountant backed by ``Ledger`` (so repeated specs reuse cached dp-accounting results).
-  ``calibrate_dp_mechanism`` guarantees ε(s) ≤ target; this function re-checks it.
-
-  Args:
-    make_runs: scale -> planned runs.
-    target_epsilon: ε budget, > 0.
-    delta: δ in (0, 1).
-    accountant: 'rdp' or 'pld'.
-    pld_discretization: PLD discretisation interval.
-    rdp_orders: RDP orders (default dp-accounting's).
-    initial_scale: first scale tried.
-    initial_bracket: optional (lo, hi) guess with ε(lo) > target ≥ ε(hi); widened if wrong.
-    rtol: tolerance on s, relative to the lower end of the bracket.
-
-  Returns:
-    The scale s (a float > 0).
-  """
-  target_epsilon = check_target_epsilon(target_epsilon)
-  delta = check_delta(delta)
-  accountant = check_accountant(accountant)
-  cache: dict[float, float] = {}
-
-  def make_event(s: float) -> _PlanDpEvent:
-    return _PlanDpEvent(tuple(tuple(run) for run in _merge(make_runs(float(s)))))
-
-  def make_accountant() -> _LedgerAccountant:
-    return _LedgerAccountant(accountant, pld_discretization, rdp_orders)
-
-  def eps(s: float) -> float:
-    if s not in cache:
-      cache[s] = make_accountant().compose(make_event(s)).get_epsilon(delta)
-    return cache[s]
-
-  if initial_bracket is None:
-    hi = _as_float(initial_scale, 'initial_scale')
-    lo = hi / 2.0
-  else:
-    lo, hi = (_as_float(x, 'initial_bracket') for x in initial_bracket)
-  if not (math.isfinite(hi) and math.isfinite(lo) and 0 < lo < hi):
-    raise ValueError(f'initial_scale / initial_bracket must be finite, > 0 and increasing; got '
-                     f'initial_scale={initial_scale!r}, initial_bracket={initial_bracket!r}')
-  for _ in range(64):  # Widen upwards until ε(hi) ≤ target.
-    if eps(hi) <= target_epsilon:
-      break
-    lo, hi = hi, 2.0 * hi
-  else:
-    raise ValueError(
-        f'no scale up to {hi:g} reaches target_epsilon={target_epsilon!r} at delta={delta!r} '
-        f'with accountant={accountant!r} (with truncated Poisson batches the RDP fallback needs '
-        'P[a draw overflows] << delta / steps: use accountant=pld or a larger '
-        'truncated_batch_size)')
-  for _ in range(64):  # Widen downwards until ε(lo) > target.
-    if eps(lo) > target_epsilon:
-      break
-    lo, hi = lo / 2.0, lo
-  else:
-    return hi  # Any positive scale meets the target (degenerate plan).
-  scale = dp_accounting.calibrate_dp_mechanism(
-      make_fresh_accountant=make_accountant, make_event_from_param=make_event,
-      target_epsilon=target_epsilon, target_delta=delta,
-      bracket_interval=dp_accounting.ExplicitBracketInterval(lo, hi), tol=rtol * lo)
-  scale = float(scale)
-  if not eps(scale) <= target_epsilon:  # Never overshoot, whatever the search did.
-    scale = hi
-  return scale
-
-
-def _shape_runs(schedule: Any, steps: int) -> list[tuple[float, int]]:
-  """Run-length encoding of the per-step relative multipliers of ``schedule``."""
-  if schedule is None:
-    return [(1.0, steps)]
-  if callable(schedule):
-    values = np.asarray(schedule(np.arange(steps)), dtype=np.float64)
-  else:
-    values = np.asarray(schedule, dtype=np.float64)
-  if values.shape != (steps,):
-    raise ValueError(f'schedule must give one multiplier per step, i.e. shape ({steps},); got '
-                     f'shape {values.shape}')
-  if not np.all(np.isfinite(values)) or np.any(values <= 0):
-    raise ValueError('schedule values must be finite and > 0; got min '
-                     f'{float(np.min(values))!r}, max {float(np.max(values))!r}')
-  runs: list[tuple[float, int]] = []
-  for v in values.tolist():
-    if runs and runs[-1][0] == v:
-      runs[-1] = (v, runs[-1][1] + 1)
-    else:
-      runs.append((v, 1))
-  return runs
-
-
-def default_noise_grid(accountant: str, distinct_values: int) -> Optional[float]:
-  """Default σ grid for schedule calibration: exact for ≤ 1 value, else 1e-3 (RDP) / 1e-2 (PLD)."""
-  if distinct_values <= 1:
-    return None
-  return 1e-3 if check_accountant(accountant) == 'rdp' else 1e-2
-
-
-def plan_runs(sampling_rate: float, noise_multipliers: Iterable[tuple[float, int]],
-              mechanism: str = 'gaussian', truncated_batch_size: Optional[int] = None,
-              dataset_size: Optional[int] = None,
-              noise_grid: Optional[Union[float, Sequence[float]]] = None) -> list[Run]:
-  """Ledger runs of a planned run from ``(noise_multiplier, count)`` pairs.
-
-  With ``noise_grid`` each σ is first rounded down with ``quantize_noise`` (conservative).
-  """
-  runs = []
-  for z, count in noise_multipliers:
-    if noise_grid is not None:
-      z = quantize_noise(z, noise_grid)
-    runs.append((StepSpec(sampling_rate, z, mechanism, truncated_batch_size, dataset_size),
-                 _as_int(count, 'count', 1)))
-  return [tuple(r) for r in _merge(runs)]
-
-
-def calibrate_noise_multiplier(target_epsilon: float, delta: float, sampling_rate: float,
-                               steps: int, accountant: str = 'rdp', mechanism: str = 'gaussian',
-                               schedule: Any = None, *,
-                               truncated_batch_size: Optional[int] = None,
-                               dataset_size: Optional[int] = None,
-                               pld_discretization: float = DEFAULT_PLD_DISCRETIZATION,
-                               noise_grid: Union[str, None, float, Sequence[float]] = 'auto',
-                               rdp_orders: Optional[Sequence[float]] = None) -> float:
-  """Smallest noise multiplier (or schedule scale) with ε ≤ ``target_epsilon`` (never above).
-
-  Without ``schedule`` every step uses the returned σ (no quantisation). With ``schedule`` (a
-  callable of the step index array, or a sequence of length ``steps``, of positive relative
-  multipliers) step t uses σ_t = s · schedule(t) and the returned value is s. The planned ledger
-  then accounts ``quantize_noise(s · schedule(t), noise_grid)`` (rounded down, so recording either
-  that value or the exact σ_t keeps ε ≤ target). ``noise_grid='auto'`` picks
-  ``default_noise_grid``: 1e-3 for RDP, 1e-2 for PLD, exact for a constant schedule. The grid is
-  fixed (independent of s), so successive evaluations of the search reuse cached RDP vectors and
-  PLDs; pass ``noise_grid=None`` for exact σ_t (cost: one dp-accounting evaluation per distinct
-  σ_t per search step).
-
-  Args:
-    target_epsilon: ε budget, > 0.
-    delta: δ in (0, 1).
-    sampling_rate: Poisson q in (0, 1].
-    steps: number of local steps (>= 1).
-    accountant: 'rdp' or 'pld'.
-    mechanism: 'gaussian' or 'laplace' (Laplace with q < 1 needs 'pld').
-    schedule: None, a callable, or a sequence (see above).
-    truncated_batch_size: see ``StepSpec``.
-    dataset_size: see ``StepSpec``.
-    pld_discretization: PLD discretisation interval.
-    noise_grid: 'auto', None, a relative resolution or an explicit grid (see ``quantize_noise``).
-    rdp_orders: RDP orders.
-
-  Returns:
-    σ (no schedule) or the scale s.
-  """
-  target_epsilon = check_target_epsilon(target_epsilon)
-  delta = check_delta(delta)
-  accountant = check_accountant(accountant)
-  steps = _as_int(steps, 'steps', 1)
-  proto = StepSpec(sampling_rate, 1.0, mechanism, truncated_batch_size, dataset_size)
-  _check_supported(proto, accountant)
-  shape = _shape_runs(schedule, steps)
-  if isinstance(noise_grid, str):
-    if noise_grid != 'auto':
-      raise ValueError(f"noise_grid must be 'auto', None, a float or a list, got {noise_grid!r}")
-    noise_grid = default_noise_grid(accountant, len({v for v, _ in shape}))
-
-  def make_runs(s: float) -> list[Run]:
-    return plan_runs(proto.sampling_rate, [(s * v, c) for v, c in shape], proto.mechanism,
-                     proto.truncated_batch_size, proto.dataset_size, noise_grid)
-
-  values = [v for v, _ in shape]
-  bracket = None
-  if len(set(values)) > 1:
-    # Every σ_t lies between s·min(v) and s·max(v), so the constant-σ solution σ_c brackets s:
-    # ε(σ_c / max v) ≥ target ≥ ε(σ_c / min v) (up to the grid; calibrate_scale re-checks).
-    sigma_c = calibrate_noise_multiplier(
-        target_epsilon, delta, sampling_rate, steps, accountant, mechanism,
-        truncated_batch_size=truncated_batch_size, dataset_size=dataset_size,
-        pld_discretization=pld_discretization, rdp_orders=rdp_orders)
-    bracket = (sigma_c / max(values), sigma_c / min(values) * 1.02)
-  return calibrate_scale(make_runs, target_epsilon, delta, accountant,
-                         pld_discretization=pld_discretization, rdp_orders=rdp_orders,
-                         initial_scale=1.0 / max(values), initial_bracket=bracket)
-
-
-def calibrate_noise_multipliers(target_epsilon: Union[float, Sequence[float]], delta: float,
-                                sampling_rates: Sequence[float], steps: Sequence[int],
-                                accountant: str = 'rdp', mechanism: str = 'gaussian',
-                                **kwargs: Any) -> list[float]:
-  """Per-silo ``calibrate_noise_multiplier``: one σ_k for each (q_k, steps_k).
-
-  Args:
-    target_epsilon: one ε for all silos, or one per silo.
-    delta: δ in (0, 1).
-    sampling_rates: q_k per silo.
-    steps: local steps per silo.
-    accountant: 'rdp' or 'pld'.
-    mechanism: 'gaussian' or 'laplace'.
-    **kwargs: passed to ``calibrate_noise_multiplier`` (``schedule``, truncation, grids, ...).
-
-  Returns:
-    The list of σ_k (or scales), in silo order.
-  """
-  rates, counts = list(sampling_rates), list(steps)
-  if len(rates) != len(counts):
-    raise ValueError(f'sampling_rates and steps must have the same length, got {len(rates)} and '
-                     f'{len(counts)}')
-  targets = ([target_epsilon] * len(rates) if np.ndim(target_epsilon) == 0
-             else list(target_epsilon))
-  if len(targets) != len(rates):
-    raise ValueError(f'target_epsilon must be a scalar or one value per silo ({len(rates)}), '
-                     f'got {len(targets)} values')
-  return [calibrate_noise_multiplier(e, delta, q, n, accountant, mechanism, **kwargs)
-          for e, q, n in zip(targets, rates, counts)]
-
-
-# ------------------------------------------------------------------------------------------------
-# Rényi filter.
-# ------------------------------------------------------------------------------------------------
-class BudgetExceededError(RuntimeError):
-  """Raised by ``RdpFilter.spend`` for a step the filter does not admit."""
-
-
-class RdpFilter:
-  """Rényi privacy filter (Feldman & Zrnic 2021, arXiv 2008.11193) for data-dependent σ or q.
-
-  Theorem (Feldman & Zrnic): fix an order α and a budget B(α) in advance. If mechanisms are chosen
-  adaptively (each may depend on all earlier outputs) and the run halts before Σ_t ρ_t(α) would
-  exceed B(α), the whole interaction is (α, B(α))-RDP, hence (ε, δ)-DP by the RDP conversion.
-  Refusing a step is itself an adaptive choice (the null mechanism, ρ = 0), so the filter may
-  refuse a large step and later admit a smaller one.
-
-  Orders. The filter uses a FIXED set of orders A, fixed at construction with their budgets
-  B(α) = the largest RDP at α whose conversion (dp-accounting's ``compute_epsilon`` at that single
-  order) is ≤ target ε at the filter's δ. A step is admitted only if, for EVERY α in A, the spent
-  RDP plus the step's RDP stays ≤ B(α). Then every α in A is an individually valid filter (halting
-  early for another order's sake is just another adaptive choice), so the result is
-  (α, B(α))-RDP for all α in A, and (target ε, δ)-DP. The tempting alternative "continue while
-  SOME order is within budget" is NOT covered by the theorem: the order that ends up within
-  budget would be chosen after seeing the data, and for the other orders the filter would have
-  run past its budget. With |A| = 1 (the default, chosen by ``for_plan`` as the optimal order of
-  a planned non-adaptive run) this is the standard single-order filter; extra orders only make it
-  stop earlier.
-
-  Only RDP-accountable steps are allowed (Gaussian, or Laplace with q = 1; untruncated, or
-  truncation impossible). There is no general PLD filter (docs/privacy.md §5.3).
-
-  Args:
-    target_epsilon: ε budget, > 0.
-    delta: δ in (0, 1).
-    orders: one order α > 1.01, or a small fixed sequence of them.
-  """
-
-  def __init__(self, target_epsilon: float, delta: float,
-               orders: Union[float, Sequence[float]]):
-    self._target = check_target_epsilon(target_epsilon)
-    self._delta = check_delta(delta)
-    seq = [orders] if np.ndim(orders) == 0 else list(orders)
-    if not seq:
-      raise ValueError('orders must contain at least one RDP order')
-    self._orders = tuple(_as_float(a, 'orders') for a in seq)
-    for a in self._orders:
-      if not (math.isfinite(a) and a > 1.01):
-        raise ValueError(f'orders must be finite and > 1.01, got {a!r}')
-    self._budget = np.array([self._budget_at(a) for a in self._orders])
-    bad = [a for a, b in zip(self._orders, self._budget) if b <= 0.0]
-    if bad:
-      raise ValueError(f'orders {bad} leave no RDP budget for target_epsilon={self._target!r} at '
-                       f'delta={self._delta!r}; choose larger orders')
-    self._spent = np.zeros(len(self._orders))
-    self._ledger = Ledger('rdp')
-
-  def _budget_at(self, order: float) -> float:
-    """Largest ρ with compute_epsilon([order], [ρ], δ) ≤ target (checked with dp-accounting)."""
-    budget = (self._target - math.log1p(-1.0 / order)
-              + math.log(self._delta * order) / (order - 1.0))
-    for _ in range(100):
-      if budget <= 0.0:
-        return budget
-      if rdp_lib.compute_epsilon([order], [budget], self._delta)[0] <= self._target:
-        return budget
-      budget = np.nextafter(budget, -np.inf) - 1e-15 * abs(budget)
-    return budget
-
-  @classmethod
-  def for_plan(cls, target_epsilon: float, delta: float,
-               planned_runs: Iterable[tuple[StepSpec, int]]) -> 'RdpFilter':
-    """Single-order filter at the ε-optimal RDP order of a planned (non-adaptive) run.
-
-    If the plan itself meets the target (by RDP), the filter admits at least the planned steps.
-    """
-    delta = check_delta(delta)
-    total = np.zeros(len(DEFAULT_RDP_ORDERS))
-    for spec, count in planned_runs:
-      spec, count = _validate_run(spec, count, 'rdp')
-      total += count * rdp_vector(spec)
-    eps, order = rdp_lib.compute_epsilon(DEFAULT_RDP_ORDERS, total, delta)
-    if not math.isfinite(eps):
-      raise ValueError('the planned run has infinite ε (a step without noise?); no filter order '
-                       'can be derived from it')
-    return cls(target_epsilon, delta, float(order))
-
-  @property
-  def orders(self) -> tuple[float, ...]:
-    return self._orders
-
-  @property
-  def budget(self) -> np.ndarray:
-    """B(α) per order, fixed at construction."""
-    return self._budget.copy()
-
-  @property
-  def spent(self) -> np.ndarray:
-    """Σ ρ_t(α) of the admitted steps, per order."""
-    return self._spent.copy()
-
-  @property
-  def ledger(self) -> Ledger:
-    """A copy of the RDP ledger of admitted steps (provenance)."""
-    return self._ledger.copy()
-
-  def _cost(self, spec: StepSpec, count: int) -> np.ndarray:
-    spec, count = _validate_run(spec, count, 'rdp')
-    if spec.truncation_probability > 0.0:
-      raise ValueError(
-          f'RdpFilter cannot admit truncated Poisson steps (truncated_batch_size='
-          f'{spec.truncated_batch_size}, dataset_size={spec.dataset_size}): they have no RDP '
-          'bound in dp-accounting. Use a batch size that cannot truncate.')
-    return count * rdp_vector(spec, self._orders)
-
-  def admit(self, spec: StepSpec, count: int = 1) -> bool:
-    """True iff ``count`` more steps of ``spec`` keep every order within its budget."""
-    after = self._spent + self._cost(spec, count)
-    return bool(np.all(after <= self._budget))
-
-  def spend(self, spec: StepSpec, count: int = 1) -> None:
-    """Records the steps; raises ``BudgetExceededError`` (and records nothing) if not admitted."""
-    cost = self._cost(spec, count)
-    after = self._spent + cost
-    if not np.all(after <= self._budget):
-      raise BudgetExceededError(
-          f'RdpFilter refuses {count} step(s) of {spec}: RDP at orders {self._orders} would be '
-          f'{after.tolist()} > budget {self._budget.tolist()} (target ε={self._target}, '
-          f'δ={self._delta})')
-    self._spent = after
-    self._ledger.record(spec, count)
-
-  def epsilon_bound(self, delta: Optional[float] = None) -> float:
-    """The guaranteed ε at ``delta`` (default: the filter's δ, giving ≤ target ε).
-
-    It follows from the budgets B(α) fixed in advance, not from the realised spend: with adaptive
-    choices only the filter's budget is a valid RDP statement.
-    """
-    d = self._delta if delta is None else check_delta(delta)
-    return min(float(rdp_lib.compute_epsilon([a], [b], d)[0])
-               for a, b in zip(self._orders, self._budget))
-
-  def spent_epsilon(self, delta: Optional[float] = None) -> float:
-    """ε converted from the realised spend (≤ ``epsilon_bound``; informative for adaptive runs)."""
-    d = self._delta if delta is None else check_delta(delta)
-    return min(float(rdp_lib.compute_epsilon([a], [r], d)[0])
-               for a, r in zip(self._orders, self._spent))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-MECHANISMS = ('gaussian', 'laplace')
+from adpfl_jax.privacy.accounting import MECHANISMS
 
 
 def sample_noise(key: jax.Array, shape, scale: jax.Array, mechanism: str = 'gaussian'):

@@ -9,10 +9,11 @@ count or percentile histogram, see ``controller.py``). Everything the round rele
 post-processing of these per-silo mechanisms: aggregation weights use public sizes, clip updates
 use noised counts, and the noise schedule is a public function of the round.
 
-The plan lives on the host: calibration (``calibrate_dp_mechanism`` through ``accounting``),
-the per-silo ledgers, and the budget stop. Calibration, the budget stop and ε during training use
-a coarse PLD discretisation (1e-3; PLD's pessimistic estimate is still an upper bound, so the
-calibrated σ is at most slightly larger than needed); the final summary uses the fine default.
+The plan lives on the host: one public ``calibration.SiloPlan`` per silo (its rounds, steps,
+rate, padded batch and schedule), the calibrated noise scale (``calibration.calibrate``, the same
+path ``adpfl account`` uses), the per-silo ledgers, Rényi filters for data-driven noise, and the
+budget stop. The budget stop and ε during training use the coarse PLD discretisation of the
+calibration (an upper bound); the final summary uses the fine default.
 """
 
 from __future__ import annotations
@@ -22,9 +23,13 @@ import math
 
 import numpy as np
 
-from adpfl_jax.federated import sampling
 from adpfl_jax.privacy import accounting
+from adpfl_jax.privacy import calibration
+from adpfl_jax.privacy import filters
 from adpfl_jax.privacy import schedules
+
+PRIVACY_MODES = ('dp', 'none')  # record-level DP-SGD in every silo | NP-FL
+UNITS = ('example', 'patient', 'lesion')
 
 class _QuietRdpSeries(logging.Filter):
   """dp-accounting logs every fractional RDP order it drops (a conservative exclusion) — often
@@ -46,11 +51,20 @@ class _QuietRdpSeries(logging.Filter):
 
 logging.getLogger('absl').addFilter(_QuietRdpSeries())
 
-_COARSE_PLD = 1e-3
-# Calibrate a hair below the target so float32 rounding of σ on the device cannot cross it.
-_CALIBRATION_MARGIN = 1 - 1e-5
-# Relative resolution of the σ grid that ledgers of non-constant schedules round down onto.
-_QUANT = {'pld': 1e-2, 'rdp': 2e-3, 'none': 1e-2}
+def max_batch_size(n: int, q: float, sigmas: float = 4.0) -> int:
+  """Slots of the padded Poisson batch for a client of ``n`` examples sampled at rate ``q``.
+
+  ``ceil(m + sigmas·sd)`` with m = q·n and sd = √(n·q·(1 − q)), and at most ``n + 1``: that many
+  slots hold every draw of the client *and* of its add-one neighbour (n + 1 records), so nothing
+  can be truncated and the ledger accounts plain Poisson sampling (``sigmas=inf`` always gives
+  ``n + 1``). A size of exactly n would still truncate the neighbour's draws (accounted, but
+  costly when q is large).
+  """
+  if not math.isfinite(sigmas):
+    return int(n) + 1
+  m = n * q
+  size = math.ceil(m + sigmas * math.sqrt(n * q * (1.0 - q)))
+  return int(n) + 1 if size >= n else max(1, size)
 
 
 def _rdp_batch_size(n: int, q: float, steps: int, target_epsilon: float, delta: float) -> int:
@@ -71,12 +85,18 @@ def _rdp_batch_size(n: int, q: float, steps: int, target_epsilon: float, delta: 
 
 
 class PrivacyPlan:
-  """Host-side privacy state of a run: one ledger per silo plus the planned schedule."""
+  """Host-side privacy state of a run: the public plan of every silo, its ledger, the budget stop.
+
+  Build it with ``from_config``. Attributes: ``silos`` (one ``calibration.SiloPlan`` per silo),
+  ``noise_scale`` (K,) the calibrated scale s_k (σ_k(r) = s_k · shape(r)), ``ledgers`` (one
+  ``accounting.Ledger`` per silo), ``filters`` (Rényi filters when σ is data-driven).
+  """
 
   def __init__(self, *, private: bool, sizes, rates, max_batch: int, mechanism: str,
-               accountant: str, delta: float, target_epsilon: float, noise_scale,
-               schedule: str, schedule_params: dict, unit: str, stop_at_budget: bool,
-               planned_steps, valid_guarantee: bool = True):
+               accountant: str, delta: float, target_epsilon: float, schedule: str,
+               schedule_params: dict, unit: str, stop_at_budget: bool, local_steps: int,
+               participation: np.ndarray, adaptive: bool):
+    k = len(sizes)
     self.private = private
     self.sizes = np.asarray(sizes)
     self.rates = np.asarray(rates, np.float64)
@@ -85,40 +105,48 @@ class PrivacyPlan:
     self.accountant = accountant if private else 'none'
     self.delta = float(delta)
     self.target_epsilon = float(target_epsilon)
-    self.noise_scale = np.asarray(noise_scale, np.float64)
     self.schedule = schedule
     self.schedule_params = dict(schedule_params)
-    self._shape = schedules.np_schedule(schedule, self.schedule_params)
     self.unit = unit
     self.stop_at_budget = stop_at_budget
-    self.planned_steps = np.asarray(planned_steps)
-    self.valid_guarantee = valid_guarantee
-    k = len(self.sizes)
+    self.local_steps = int(local_steps)
+    self.participation = np.asarray(participation, bool)  # (rounds, K)
+    self.planned_steps = self.participation.sum(0) * self.local_steps
+    self.adaptive = adaptive
+    self.valid_guarantee = True
+    self.silos = [self._silo_plan(i) for i in range(k)]
+    self.noise_scale = np.zeros(k)
     self.ledgers = [accounting.Ledger(accountant=accountant) for _ in range(k)] if private else []
+    self.filters = []
     self._eps_cache: dict = {}
     self._last_noise = [0.0] * k
     self._on_plan = np.ones(k, bool)  # silo k's ledger equals its planned prefix
     self._limits = np.full(k, np.inf)
-    self.adaptive = False
-    self.filters = []
-    self.quantize = schedule != 'constant'
+
+  def _silo_plan(self, k: int) -> calibration.SiloPlan:
+    n = int(self.sizes[k])
+    truncated = self.max_batch <= n  # the add-one neighbour (n + 1 records) may overflow
+    return calibration.SiloPlan(
+        sampling_rate=float(self.rates[k]),
+        rounds=tuple(int(r) for r in np.flatnonzero(self.participation[:, k])),
+        steps_per_round=self.local_steps, schedule=self.schedule,
+        schedule_params=tuple(sorted(self.schedule_params.items())),
+        accountant=self.accountant if self.private else 'pld', mechanism=self.mechanism,
+        truncated_batch_size=self.max_batch if truncated else None,
+        dataset_size=n if truncated else None,
+        quantize=self.schedule != 'constant' or self.adaptive)
 
   # ------------------------------------------------------------------------------------------
   @classmethod
-  def from_config(cls, config, sizes) -> 'PrivacyPlan':
+  def from_config(cls, config, sizes, participation) -> 'PrivacyPlan':
+    """The plan of ``config`` for silos of ``sizes`` taking part in rounds per ``participation``
+    ((rounds, K) bool, public: ``federated.sampling.participation``)."""
     p = config.privacy
     sizes = np.asarray(sizes)
     private = p.mode == 'dp'
-    m = float(p.batch_size)
-    rates = np.minimum(1.0, m / sizes.astype(np.float64))
-    k = len(sizes)
-    rounds = int(config.fed.rounds)
+    rates = np.minimum(1.0, float(p.batch_size) / sizes.astype(np.float64))
     steps = int(config.fed.local_steps)
-    participation = np.zeros((rounds, k), bool)
-    for r in range(rounds):
-      participation[r, sampling.participating_clients(
-          int(config.seed), r, k, int(config.fed.clients_per_round))] = True
-    planned_steps = participation.sum(0) * steps
+    participation = np.asarray(participation, bool)
     adaptive = private and bool(p.adaptive_noise.enabled)
     if adaptive or (private and p.mechanism == 'laplace'):
       # The RDP filter and the Laplace events need batches that can never be truncated, not
@@ -126,112 +154,61 @@ class PrivacyPlan:
       max_batch = int(sizes.max()) + 1
     elif private and p.accountant == 'rdp':
       max_batch = max(_rdp_batch_size(int(n), float(q), int(t), p.target_epsilon, p.delta)
-                      for n, q, t in zip(sizes, rates, planned_steps))
+                      for n, q, t in zip(sizes, rates, participation.sum(0) * steps))
     else:
-      max_batch = max(sampling.max_batch_size(int(n), float(q), float(p.max_batch_sigmas))
+      max_batch = max(max_batch_size(int(n), float(q), float(p.max_batch_sigmas))
                       for n, q in zip(sizes, rates))
-    schedule = p.noise_schedule
-    params = schedule_params(schedule, dict(p.noise_schedule_params), rounds)
     plan = cls(private=private, sizes=sizes, rates=rates, max_batch=max_batch,
                mechanism=p.mechanism, accountant=p.accountant, delta=p.delta,
-               target_epsilon=p.target_epsilon, noise_scale=np.zeros(k), schedule=schedule,
-               schedule_params=params, unit=p.unit, stop_at_budget=bool(p.stop_at_budget),
-               planned_steps=planned_steps)
-    plan.participation = participation
-    plan.local_steps = steps
-    plan.adaptive = adaptive
-    plan.quantize = plan.quantize or adaptive
+               target_epsilon=p.target_epsilon, schedule=p.noise_schedule,
+               schedule_params=schedules.params_from_config(
+                   p.noise_schedule, p.noise_schedule_params, int(config.fed.rounds)),
+               unit=p.unit, stop_at_budget=bool(p.stop_at_budget), local_steps=steps,
+               participation=participation, adaptive=adaptive)
     if not private:
       return plan
-    if not p.calibrate:
-      plan.noise_scale = np.full(k, float(p.noise_multiplier))
+    if p.calibrate:
+      cache: dict = {}
+      for i, silo in enumerate(plan.silos):
+        if silo not in cache:
+          cache[silo] = calibration.calibrate(silo, plan.target_epsilon, plan.delta)
+        plan.noise_scale[i] = cache[silo]
     else:
-      plan.noise_scale = plan._calibrate()
-    # The device computes z in float32; round the scale up so the noise is never below plan.
-    plan.noise_scale = np.array([np.nextafter(np.float32(s), np.float32(np.inf))
-                                 for s in plan.noise_scale], np.float64)
+      # The device computes z in float32; round the scale up so the noise is never below plan.
+      plan.noise_scale[:] = float(np.nextafter(np.float32(p.noise_multiplier),
+                                               np.float32(np.inf)))
     plan._limits = plan._round_limits()
     if adaptive:
       # σ will depend on privatized data: a Rényi filter per silo, its budget fixed now.
-      plan.filters = [accounting.RdpFilter.for_plan(
-          plan.target_epsilon, plan.delta, plan._planned_specs(k, plan.noise_scale[k]))
-                      for k in range(k)]
+      plan.filters = [filters.RdpFilter.for_plan(plan.target_epsilon, plan.delta,
+                                                 silo.runs(plan.noise_scale[i]))
+                      for i, silo in enumerate(plan.silos)]
     return plan
 
   # ------------------------------------------------------------------------------------------
   def spec(self, k: int, z: float) -> accounting.StepSpec:
     """The ledger entry of one local step of silo ``k`` with total noise multiplier ``z``."""
-    n = int(self.sizes[k])
-    truncated = self.max_batch <= n  # the add-one neighbour (n + 1 records) may overflow
-    if self.quantize and z > 0:
-      # Many distinct σ (a schedule) would make every ledger query slow; rounding the accounted
-      # σ DOWN onto a fine geometric grid keeps it cheap and only ever over-reports ε.
-      z = accounting.quantize_noise(float(z), _QUANT[self.accountant])
-    return accounting.StepSpec(
-        sampling_rate=float(self.rates[k]), noise_multiplier=float(z), mechanism=self.mechanism,
-        truncated_batch_size=self.max_batch if truncated else None,
-        dataset_size=n if truncated else None)
+    return self.silos[k].spec(float(z))
 
-  def _client_rounds(self, k):
-    return np.flatnonzero(self.participation[:, k])
-
-  def _planned_specs(self, k, scale, upto=None, start=0):
-    """(spec, count) runs of silo k's planned ledger over rounds in [start, upto)."""
-    runs = []
-    for r in self._client_rounds(k):
-      if r < start:
-        continue
-      if upto is not None and r >= upto:
-        break
-      z = float(np.float32(scale) * np.float32(self._shape(np.asarray([r]))[0]))
-      spec = self.spec(k, z)
-      if runs and runs[-1][0] == spec:
-        runs[-1] = (spec, runs[-1][1] + self.local_steps)
-      else:
-        runs.append((spec, self.local_steps))
-    return runs
-
-  def _epsilon_of(self, runs, discretization=_COARSE_PLD):
+  def _epsilon_of(self, runs, discretization=calibration.COARSE_PLD):
     key = (tuple(runs), discretization)
     if key not in self._eps_cache:
       ledger = accounting.Ledger(accountant=self.accountant, pld_discretization=discretization)
-      for spec, count in runs:
-        ledger.record(spec, count)
+      ledger.extend(runs)
       self._eps_cache[key] = ledger.epsilon(self.delta)
     return self._eps_cache[key]
-
-  def _calibrate(self):
-    """Per-silo noise scale: the smallest s whose planned ledger has ε ≤ target."""
-    out = np.zeros(len(self.sizes))
-    cache = {}
-    for k in range(len(self.sizes)):
-      rounds = tuple(self._client_rounds(k))
-      key = (float(self.rates[k]), int(self.sizes[k]), rounds)
-      if key not in cache:
-        if not rounds:
-          cache[key] = 0.0
-          continue
-        cache[key] = accounting.calibrate_scale(
-            lambda s, k=k: self._planned_specs(k, s), self.target_epsilon * _CALIBRATION_MARGIN,
-            self.delta, self.accountant, pld_discretization=_COARSE_PLD)
-      out[k] = cache[key]
-    return out
 
   def _round_limits(self):
     """For each silo, the first planned round whose steps would exceed the target (or inf)."""
     limits = np.full(len(self.sizes), np.inf)
-    for k in range(len(self.sizes)):
-      rounds = self._client_rounds(k)
-      if not len(rounds):
-        continue
-      if self._epsilon_of(self._planned_specs(k, self.noise_scale[k])) <= self.target_epsilon:
+    for k, silo in enumerate(self.silos):
+      rounds, scale = silo.rounds, self.noise_scale[k]
+      if not rounds or self._epsilon_of(silo.runs(scale)) <= self.target_epsilon:
         continue
       lo, hi = 0, len(rounds)  # rounds[:lo] fit; rounds[:hi] do not
       while hi - lo > 1:
         mid = (lo + hi) // 2
-        upto = int(rounds[mid - 1]) + 1
-        if self._epsilon_of(self._planned_specs(k, self.noise_scale[k], upto)) \
-            <= self.target_epsilon:
+        if self._epsilon_of(silo.runs(scale, upto=rounds[mid - 1] + 1)) <= self.target_epsilon:
           lo = mid
         else:
           hi = mid
@@ -242,16 +219,15 @@ class PrivacyPlan:
     """A silo whose very first planned round already exceeds the target (or None)."""
     if not self.private or not self.stop_at_budget:
       return None
-    for k in range(len(self.sizes)):
-      rounds = self._client_rounds(k)
-      if len(rounds) and self._limits[k] <= rounds[0]:
+    for k, silo in enumerate(self.silos):
+      if silo.rounds and self._limits[k] <= silo.rounds[0]:
         return k
     return None
 
   # ------------------------------------------------------------------------------------------
   def planned_noise(self, round_: int, clients) -> np.ndarray:
-    shape = np.float32(self._shape(np.asarray([round_]))[0])
-    return np.array([float(np.float32(self.noise_scale[k]) * shape) for k in clients])
+    return np.array([self.silos[int(k)].sigma(self.noise_scale[int(k)], round_)
+                     for k in clients])
 
   def would_exceed(self, round_: int, clients, z_next, steps) -> int | None:
     """Silo that round ``round_`` would take past the target (None if none, or no budget stop).
@@ -308,7 +284,7 @@ class PrivacyPlan:
     if self.adaptive:
       # With data-dependent σ only the filter's pre-set budget is a valid statement.
       return np.array([f.epsilon_bound() if f.ledger.steps else 0.0 for f in self.filters])
-    disc = None if final else _COARSE_PLD
+    disc = None if final else calibration.COARSE_PLD
     out = []
     for ledger in self.ledgers:
       runs = tuple(ledger.runs)
@@ -366,11 +342,11 @@ class PrivacyPlan:
     for k in range(len(self.sizes)):
       history = self.ledgers[k].runs
       planned = np.float32(state_scale[k]) == np.float32(self.noise_scale[k]) and (
-          history == tuple(self._planned_specs(k, self.noise_scale[k], round_)))
+          history == self.silos[k].runs(self.noise_scale[k], upto=round_))
       self._on_plan[k] = planned
       if planned or same_config:
         continue
-      remaining = [r for r in self._client_rounds(k) if r >= round_]
+      remaining = [r for r in self.silos[k].rounds if r >= round_]
       if not remaining:
         continue
       spent = self._epsilon_of(history) if history else 0.0
@@ -379,11 +355,8 @@ class PrivacyPlan:
             f'config.privacy.target_epsilon={self.target_epsilon}: the checkpoint resumed at '
             f'round {round_} has already spent ε={spent:.4f} of silo {k}, leaving nothing for its '
             f'{len(remaining)} remaining planned rounds; raise the target or keep fed.rounds')
-      scale = accounting.calibrate_scale(
-          lambda sc, k=k: list(history) + self._planned_specs(k, sc, start=round_),
-          self.target_epsilon * _CALIBRATION_MARGIN, self.delta, self.accountant,
-          pld_discretization=_COARSE_PLD, initial_scale=max(float(self.noise_scale[k]), 1e-3))
-      scales[k] = float(np.nextafter(np.float32(scale), np.float32(np.inf)))
+      scales[k] = calibration.calibrate(self.silos[k], self.target_epsilon, self.delta,
+                                        history=history, start=round_)
     if not same_config:
       self.noise_scale = scales
     return scales
@@ -403,24 +376,9 @@ class PrivacyPlan:
           f'δ = {self.delta:g}, accountant {self.accountant}, {self.mechanism} noise, '
           f'{self.schedule} schedule:')
     for k, name in enumerate(names):
-      trunc = (f', truncated at {self.max_batch}' if self.max_batch < self.sizes[k] else '')
+      trunc = (f', truncated at {self.max_batch}' if self.max_batch <= self.sizes[k] else '')
       print(f'  {name}: n = {self.sizes[k]}, q = {self.rates[k]:.4f} (expected batch '
             f'{self.rates[k] * self.sizes[k]:.1f}{trunc}), {self.planned_steps[k]} planned '
             f'steps, noise multiplier scale {self.noise_scale[k]:.4f}')
     if not math.isinf(float(np.min(self._limits))):
       print(f'  budget stop planned before round {int(np.min(self._limits))}')
-
-
-def schedule_params(kind: str, params, rounds: int) -> dict:
-  """The parameters of schedule ``kind`` from a config section holding every kind's keys.
-
-  ``rounds`` = 0 in the config means the run's ``fed.rounds``.
-  """
-  wanted = {'constant': (), 'exponential': ('rate',), 'step': ('factor', 'every'),
-            'linear': ('start', 'end', 'rounds'), 'cosine': ('start', 'end', 'rounds')}
-  if kind not in wanted:
-    raise ValueError(f'schedule {kind!r} is not one of {tuple(wanted)}')
-  out = {k: params[k] for k in wanted[kind] if k in params}
-  if 'rounds' in wanted[kind] and not out.get('rounds'):
-    out['rounds'] = rounds
-  return schedules.validate_params(kind, out, rounds)

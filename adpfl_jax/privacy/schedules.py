@@ -1,8 +1,8 @@
 """Public noise schedules: σ_t = s · shape(t), pure functions of the round t.
 
 A schedule is a *shape* (relative multiplier, fixed before training, so ordinary composition
-applies: docs/privacy.md §5.1) times a *scale* s, which ``calibrate_schedule`` fits to an (ε, δ)
-budget. Each shape exists as a NumPy host function (float64) and a ``jax.numpy`` function usable
+applies: docs/privacy.md §5.1) times a *scale* s, which ``calibration.calibrate`` fits to an
+(ε, δ) budget. Each shape exists as a NumPy host function (float64) and a ``jax.numpy`` function usable
 inside ``jit`` with the round as an integer array (float32 unless x64 is enabled).
 
 * 'constant' (no params): 1;
@@ -14,8 +14,8 @@ inside ``jit`` with the round as an integer array (float32 unless x64 is enabled
   b + (a − b) · (1 + cos(π · min(t, R − 1) / (R − 1))) / 2.
 
 Negative t is treated as 0. Linear and cosine hold ``end`` after round R − 1. ``rounds`` may be
-omitted from ``params`` where the caller knows the horizon (``calibrate_schedule``,
-``planned_runs``); the shape functions require it.
+omitted from ``params`` where the caller knows the horizon (``params_from_config``); the shape
+functions require it. The scale s is calibrated by ``calibration.calibrate``.
 
 Device vs host: the device computes σ_t in float32, which can be a few ulps below the float64
 host value. Record what the device used (``float(np.float32(...))``), or record the host value
@@ -25,7 +25,7 @@ rounded down with ``accounting.quantize_noise``; never a value above the noise a
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import jax.numpy as jnp
 import numpy as np
@@ -157,63 +157,14 @@ def noise_multipliers(kind: str, params: Optional[Mapping[str, Any]], scale: flo
   return np_schedule(kind, validate_params(kind, params, rounds), scale)(np.arange(rounds))
 
 
-def planned_runs(kind: str, params: Optional[Mapping[str, Any]], scale: float,
-                 sampling_rate: float, steps_per_round: int, rounds: int,
-                 mechanism: str = 'gaussian', truncated_batch_size: Optional[int] = None,
-                 dataset_size: Optional[int] = None,
-                 noise_grid: Optional[Union[float, Sequence[float]]] = None
-                 ) -> list[accounting.Run]:
-  """The ledger runs of the planned run (σ rounded down onto ``noise_grid`` if given)."""
-  steps_per_round = _count({'steps_per_round': steps_per_round}, 'steps_per_round', kind)
-  sig = noise_multipliers(kind, params, scale, rounds)
-  return accounting.plan_runs(sampling_rate, [(float(z), steps_per_round) for z in sig],
-                              mechanism, truncated_batch_size, dataset_size, noise_grid)
+def params_from_config(kind: str, section: Mapping[str, Any], rounds: int) -> dict[str, Any]:
+  """The parameters of schedule ``kind`` from a config section that holds every kind's keys.
 
-
-def calibrate_schedule(kind: str, params: Optional[Mapping[str, Any]], target_epsilon: float,
-                       delta: float, sampling_rate: float, steps_per_round: int, rounds: int,
-                       accountant: str = 'rdp', mechanism: str = 'gaussian', *,
-                       truncated_batch_size: Optional[int] = None,
-                       dataset_size: Optional[int] = None,
-                       noise_grid: Union[str, None, float, Sequence[float]] = 'auto',
-                       pld_discretization: float = accounting.DEFAULT_PLD_DISCRETIZATION) -> float:
-  """Scale s such that the planned run σ_t = s · shape(t) has ε ≤ target (and close to it).
-
-  Uses ``accounting.calibrate_noise_multiplier`` (``dp_accounting.calibrate_dp_mechanism`` over
-  the ledger fast path), so ε never exceeds the target. With the default ``noise_grid='auto'``
-  the planned σ_t are rounded DOWN onto a fixed geometric grid (relative resolution 1e-3 for RDP,
-  1e-2 for PLD; exact for 'constant') so that successive search steps reuse cached RDP vectors /
-  PLDs and equal σ merge into runs; the ledger of the real run (exact σ_t, or the same rounded
-  values) then has ε ≤ the planned ε ≤ target. Reproduce the plan with
-  ``planned_runs(..., noise_grid=accounting.default_noise_grid(accountant, distinct))`` or pass an
-  explicit ``noise_grid``. PLD cost grows with the number of distinct grid values (one PLD and one
-  convolution each per search step); prefer RDP or a coarse ``pld_discretization`` for long
-  heterogeneous schedules.
-
-  Args:
-    kind: schedule kind.
-    params: shape params (linear/cosine default ``rounds`` to ``rounds``).
-    target_epsilon: ε budget.
-    delta: δ.
-    sampling_rate: Poisson q.
-    steps_per_round: local steps per round (all with that round's σ).
-    rounds: number of rounds.
-    accountant: 'rdp' or 'pld'.
-    mechanism: 'gaussian' or 'laplace'.
-    truncated_batch_size: see ``accounting.StepSpec``.
-    dataset_size: see ``accounting.StepSpec``.
-    noise_grid: 'auto', None (exact σ_t) or a grid for ``accounting.quantize_noise``.
-    pld_discretization: PLD discretisation interval.
-
-  Returns:
-    The scale s.
+  ``rounds`` = 0 (or absent) in the section means the run's ``rounds``.
   """
-  rounds = _count({'rounds': rounds}, 'rounds', kind)
-  steps_per_round = _count({'steps_per_round': steps_per_round}, 'steps_per_round', kind)
-  p = validate_params(kind, params, rounds)
-  per_round = _shape(kind, p, np.arange(rounds), np, np.float64)
-  per_step = np.repeat(per_round, steps_per_round)
-  return accounting.calibrate_noise_multiplier(
-      target_epsilon, delta, sampling_rate, rounds * steps_per_round, accountant, mechanism,
-      schedule=per_step, truncated_batch_size=truncated_batch_size, dataset_size=dataset_size,
-      pld_discretization=pld_discretization, noise_grid=noise_grid)
+  if kind not in _PARAMS:
+    raise ValueError(f'schedule kind {kind!r} is not one of {KINDS}')
+  out = {k: section[k] for k in _PARAMS[kind] if k in section}
+  if 'rounds' in _PARAMS[kind] and not out.get('rounds'):
+    out['rounds'] = rounds
+  return validate_params(kind, out, rounds)

@@ -11,75 +11,44 @@ from jax.flatten_util import ravel_pytree
 
 from adpfl_jax import train
 from adpfl_jax import validation
-from adpfl_jax.configs import common
-from adpfl_jax.configs import default
-
-
-def tiny_config(**overrides):
-  c = default.get_config()
-  c.data.num_clients = 4
-  c.data.examples_per_client = 24
-  c.data.test_examples_per_client = 4
-  c.data.image_size = 8
-  c.model.features = 4
-  c.model.depth = 1
-  c.model.groups = 2
-  c.fed.rounds = 2
-  c.fed.local_steps = 2
-  c.fed.clients_per_round = 4
-  c.privacy.batch_size = 6
-  c.privacy.accountant = 'rdp'
-  c.eval.every_rounds = 1
-  c.eval.batch_size = 8
-  c.log.progress = False
-  for key, value in overrides.items():
-    common.set_path(c, key, value)
-  return c
-
-
-@pytest.fixture(scope='module')
-def phantom_data():
-  c = tiny_config()
-  from adpfl_jax.data import federated
-  return federated.load(c.data, c.seed)
 
 
 def _one_round(cfg, data, tmp):
   trainer = train.Trainer(cfg, tmp, data=data)
   inputs, *_ = trainer.round_inputs(0)
-  state, metrics = trainer.round.step(trainer.initial_state, jnp.asarray(data.train_x),
-                                      jnp.asarray(data.train_y), inputs)
+  state, metrics = trainer.round.apply(trainer.initial_state, jnp.asarray(data.train_x),
+                                       jnp.asarray(data.train_y), inputs)
   return ravel_pytree(state.params)[0], jax.device_get(metrics)
 
 
-def test_all_backends_agree(phantom_data, tmp_path):
+def test_all_backends_agree(tiny_data, tmp_path, tiny_config):
   assert jax.device_count() >= 2, 'tests run with forced CPU devices (see tests/conftest.py)'
-  ref, ref_m = _one_round(tiny_config(**{'fed.backend': 'loop'}), phantom_data, str(tmp_path))
+  ref, ref_m = _one_round(tiny_config(**{'fed.backend': 'loop'}), tiny_data, str(tmp_path))
   for backend, extra in [('vmap', {}), ('map', {}), ('map', {'fed.chunk_size': 2}),
                          ('sharded', {'fed.clients_per_round': 3})]:
     cfg = tiny_config(**{'fed.backend': backend, **extra})
-    got, m = _one_round(cfg, phantom_data, str(tmp_path))
+    got, m = _one_round(cfg, tiny_data, str(tmp_path))
     if backend == 'sharded':  # 3 clients padded to 4 devices: compare with loop on 3 clients
       want, want_m = _one_round(tiny_config(**{'fed.backend': 'loop', 'fed.clients_per_round': 3}),
-                                phantom_data, str(tmp_path))
+                                tiny_data, str(tmp_path))
     else:
       want, want_m = ref, ref_m
     np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6, err_msg=backend)
     np.testing.assert_allclose(m['train_loss'], want_m['train_loss'], rtol=1e-4)
 
 
-def test_round_compiles_once_while_clip_and_noise_change(phantom_data, tmp_path):
+def test_round_compiles_once_while_clip_and_noise_change(tiny_data, tmp_path, tiny_config):
   cfg = tiny_config(**{'fed.backend': 'map', 'privacy.clip_mode': 'quantile',
                        'privacy.noise_schedule': 'exponential', 'fed.rounds': 4,
                        'privacy.noise_schedule_params.rate': 0.8,
                        'privacy.target_epsilon': 50.0})
-  trainer = train.Trainer(cfg, str(tmp_path), data=phantom_data)
+  trainer = train.Trainer(cfg, str(tmp_path), data=tiny_data)
   state = trainer.initial_state
-  x, y = jnp.asarray(phantom_data.train_x), jnp.asarray(phantom_data.train_y)
+  x, y = jnp.asarray(tiny_data.train_x), jnp.asarray(tiny_data.train_y)
   clips, noises = [], []
   for r in range(4):
     inputs, *_ = trainer.round_inputs(r)
-    state, m = trainer.round.step(state, x, y, inputs)
+    state, m = trainer.round.apply(state, x, y, inputs)
     clips.append(np.asarray(state.controller.clip).copy())
     noises.append(np.asarray(m['noise_multiplier']).copy())
   assert trainer.round.jitted[0]._cache_size() == 1
@@ -110,9 +79,9 @@ def _tensorboard_tags(workdir):
   return tags
 
 
-def test_end_to_end_run_writes_outputs(phantom_data, tmp_path):
+def test_end_to_end_run_writes_outputs(tiny_data, tmp_path, tiny_config):
   cfg = tiny_config()
-  summary = train.Trainer(cfg, str(tmp_path), data=phantom_data).run()
+  summary = train.Trainer(cfg, str(tmp_path), data=tiny_data).run()
   rows = [json.loads(l) for l in open(os.path.join(tmp_path, 'metrics.jsonl'))]
   assert [r['round'] for r in rows] == [1, 2]
   for key in ('round', 'dice', 'dice_per_client', 'epsilon', 'epsilon_per_client',
@@ -129,11 +98,11 @@ def test_end_to_end_run_writes_outputs(phantom_data, tmp_path):
   assert summary['stopped_reason'] == 'completed'
 
 
-def test_dp_run_releases_nothing_unnoised_by_default(phantom_data, tmp_path):
+def test_dp_run_releases_nothing_unnoised_by_default(tiny_data, tmp_path, tiny_config):
   # Review finding: the exact Poisson count ('examples', also recoverable as examples_per_second ×
   # wall_seconds) and the raw training loss were written by DP runs without being covered by ε.
   cfg = tiny_config(**{'eval.tensorboard': True})
-  train.Trainer(cfg, str(tmp_path / 'dp'), data=phantom_data).run()
+  train.Trainer(cfg, str(tmp_path / 'dp'), data=tiny_data).run()
   rows = [json.loads(l) for l in open(tmp_path / 'dp' / 'metrics.jsonl')]
   for row in rows:
     assert 'examples' not in row and 'train_loss' not in row
@@ -148,17 +117,17 @@ def test_dp_run_releases_nothing_unnoised_by_default(phantom_data, tmp_path):
   assert 'dice' in tags and not [t for t in tags if 'train_loss' in t or t == 'examples']
   # The raw loss only on request, and then flagged.
   cfg = tiny_config(**{'log.raw_train_loss': True})
-  train.Trainer(cfg, str(tmp_path / 'raw'), data=phantom_data).run()
+  train.Trainer(cfg, str(tmp_path / 'raw'), data=tiny_data).run()
   rows = [json.loads(l) for l in open(tmp_path / 'raw' / 'metrics.jsonl')]
   assert all('train_loss' in row for row in rows)
   assert json.load(open(tmp_path / 'raw' / 'summary.json'))['unprivatized_outputs'] == [
       'train_loss']
 
 
-def test_outputs_are_strict_json(phantom_data, tmp_path):
+def test_outputs_are_strict_json(tiny_data, tmp_path, tiny_config):
   # Review finding: ε = ∞ was written as Infinity, which is not JSON.
   cfg = tiny_config(**{'privacy.mode': 'none', 'fed.rounds': 1})
-  train.Trainer(cfg, str(tmp_path), data=phantom_data).run()
+  train.Trainer(cfg, str(tmp_path), data=tiny_data).run()
   summary = _strict_json(open(tmp_path / 'summary.json').read())
   assert summary['epsilon'] is None and summary['privacy_mode'] == 'none'
   for line in open(tmp_path / 'metrics.jsonl'):
@@ -167,7 +136,7 @@ def test_outputs_are_strict_json(phantom_data, tmp_path):
   _strict_json(open(tmp_path / 'ledger.json').read())
 
 
-def test_sharded_with_padded_clients_matches_loop_on_all_state(phantom_data, tmp_path):
+def test_sharded_with_padded_clients_matches_loop_on_all_state(tiny_data, tmp_path, tiny_config):
   # Review finding: 3 clients padded to 4 devices; the padded client repeats client 0's id and
   # its (unchanged) clip overwrote client 0's adapted clip in the scatter.
   assert jax.device_count() == 4
@@ -176,12 +145,12 @@ def test_sharded_with_padded_clients_matches_loop_on_all_state(phantom_data, tmp
   finals = {}
   for backend in ('loop', 'sharded'):
     trainer = train.Trainer(tiny_config(**{'fed.backend': backend, **extra}),
-                            str(tmp_path / backend), data=phantom_data)
+                            str(tmp_path / backend), data=tiny_data)
     state = trainer.initial_state
-    x, y = jnp.asarray(phantom_data.train_x), jnp.asarray(phantom_data.train_y)
+    x, y = jnp.asarray(tiny_data.train_x), jnp.asarray(tiny_data.train_y)
     for r in range(2):
       inputs, *_ = trainer.round_inputs(r)
-      state, _ = trainer.round.step(state, x, y, inputs)
+      state, _ = trainer.round.apply(state, x, y, inputs)
     finals[backend] = jax.device_get(state)
   assert not np.allclose(finals['loop'].controller.clip, 1.0)  # the clip adapted
   for a, b in zip(jax.tree_util.tree_leaves(finals['loop']),
@@ -190,11 +159,11 @@ def test_sharded_with_padded_clients_matches_loop_on_all_state(phantom_data, tmp
                                rtol=2e-4, atol=2e-6)
 
 
-def test_budget_stop_never_exceeds_target(phantom_data, tmp_path):
+def test_budget_stop_never_exceeds_target(tiny_data, tmp_path, tiny_config):
   # A fixed σ far too small for 6 rounds: the run must stop early, below the target.
   cfg = tiny_config(**{'privacy.calibrate': False, 'privacy.noise_multiplier': 1.0,
                        'privacy.target_epsilon': 6.0, 'fed.rounds': 6, 'fed.local_steps': 3})
-  trainer = train.Trainer(cfg, str(tmp_path), data=phantom_data)
+  trainer = train.Trainer(cfg, str(tmp_path), data=tiny_data)
   summary = trainer.run()
   assert summary['stopped_reason'].startswith('budget')
   assert 1 <= summary['rounds'] < 6
@@ -217,9 +186,9 @@ def test_budget_stop_never_exceeds_target(phantom_data, tmp_path):
     ('fed.backend', 'gpu'),
     ('model.depth', 4),
 ])
-def test_invalid_values_fail_before_compiling(key, value, phantom_data, tmp_path):
+def test_invalid_values_fail_before_compiling(key, value, tiny_data, tmp_path, tiny_config):
   with pytest.raises(validation.ConfigError, match=key.split('.')[-1]):
-    train.Trainer(tiny_config(**{key: value}), str(tmp_path), data=phantom_data)
+    train.Trainer(tiny_config(**{key: value}), str(tmp_path), data=tiny_data)
 
 
 def test_sampling_rate_outside_unit_interval_fails():
@@ -229,8 +198,8 @@ def test_sampling_rate_outside_unit_interval_fails():
       accounting.StepSpec(sampling_rate=q, noise_multiplier=1.0)
 
 
-def test_target_already_exceeded_fails_before_compiling(phantom_data, tmp_path):
+def test_target_already_exceeded_fails_before_compiling(tiny_data, tmp_path, tiny_config):
   cfg = tiny_config(**{'privacy.calibrate': False, 'privacy.noise_multiplier': 0.3,
                        'privacy.target_epsilon': 0.5})
   with pytest.raises(validation.ConfigError, match='target_epsilon'):
-    train.Trainer(cfg, str(tmp_path), data=phantom_data)
+    train.Trainer(cfg, str(tmp_path), data=tiny_data)

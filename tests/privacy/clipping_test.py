@@ -11,6 +11,7 @@ from adpfl_jax import losses
 from adpfl_jax.federated import client as client_lib
 from adpfl_jax.models import unet
 from adpfl_jax.privacy import clipping
+from adpfl_jax.privacy import controller as controller_lib
 
 
 @pytest.fixture(scope='module')
@@ -92,7 +93,7 @@ def test_padded_examples_change_nothing(tiny):
 
 
 def _dp(clip, z, m, lr=0.1):
-  return client_lib.ClientDP(
+  return controller_lib.ClientDP(
       clip=jnp.float32(clip), noise_grad=jnp.float32(z), aux_std=jnp.float32(0.0),
       grid=jnp.ones(1), expected_batch=jnp.float32(m),
       lr=jnp.float32(lr), sparsity_mask=jnp.float32(1.0))

@@ -56,7 +56,7 @@ def test_client_reports_exact_unclipped_fraction_without_count_noise():
   loss_fn = lambda p, x, y: jnp.sum(p['w'] * x)
   params = {'w': jnp.ones(3)}
   x = jnp.arange(12.0).reshape(1, 4, 3) / 10  # per-example gradient = x, norms < 100
-  dp = client_lib.ClientDP(clip=jnp.float32(100.0), noise_grad=jnp.float32(0.0),
+  dp = controller_lib.ClientDP(clip=jnp.float32(100.0), noise_grad=jnp.float32(0.0),
                            aux_std=jnp.float32(0.0), grid=jnp.ones(1),
                            expected_batch=jnp.float32(4.0), lr=jnp.float32(0.1),
                            sparsity_mask=jnp.float32(1.0))
@@ -123,32 +123,19 @@ def test_z_delta_formula():
   np.testing.assert_allclose(got, 1.0050, atol=1e-4)  # docs/privacy.md §4.3 table
 
 
-def _tiny(**kw):
-  c = default.get_config()
-  c.data.examples_per_client = 40
-  c.data.test_examples_per_client = 4
-  c.data.image_size = 8
-  c.model.features = 4
-  c.model.depth = 1
-  c.model.groups = 2
-  c.fed.rounds = 2
-  c.fed.local_steps = 2
-  c.privacy.batch_size = 20
-  c.privacy.accountant = 'rdp'
-  c.privacy.target_epsilon = 20.0
-  c.eval.every_rounds = 1
-  c.log.progress = False
-  for key, value in kw.items():
-    common.set_path(c, key, value)
-  return c
+@pytest.fixture(scope='module')
+def _tiny(tiny_config):
+  """The shared tiny run with 40 images per silo, an expected batch of 20, target ε = 20."""
+  return lambda **kw: tiny_config(**{'data.examples_per_client': 40, 'privacy.batch_size': 20,
+                                     'privacy.target_epsilon': 20.0, **kw})
 
 
 @pytest.mark.parametrize('mode', ['quantile', 'percentile'])
-def test_ledger_charges_total_z_including_estimator(mode, tmp_path):
+def test_ledger_charges_total_z_including_estimator(mode, tmp_path, _tiny):
   trainer = train.Trainer(_tiny(**{'privacy.clip_mode': mode}), str(tmp_path))
   inputs, clients, _ = trainer.round_inputs(0)
-  state, m = trainer.round.step(trainer.initial_state, jnp.asarray(trainer.data.train_x),
-                                jnp.asarray(trainer.data.train_y), inputs)
+  state, m = trainer.round.apply(trainer.initial_state, jnp.asarray(trainer.data.train_x),
+                                 jnp.asarray(trainer.data.train_y), inputs)
   z_total = np.asarray(m['noise_multiplier'])
   z_grad = np.asarray(m['noise_multiplier_grad'])
   assert np.all(z_grad > z_total)  # the gradient gets z_Δ > z; the estimator takes the rest
@@ -167,7 +154,7 @@ def test_laplace_noise_scale_ks():
   loss_fn = lambda p, x, y: jnp.sum(p['w'] * x)
   params = {'w': jnp.zeros(4000)}
   lam, clip, m = 0.8, 2.0, 5.0
-  dp = client_lib.ClientDP(clip=jnp.float32(clip), noise_grad=jnp.float32(lam),
+  dp = controller_lib.ClientDP(clip=jnp.float32(clip), noise_grad=jnp.float32(lam),
                            aux_std=jnp.float32(0.0), grid=jnp.ones(1),
                            expected_batch=jnp.float32(m), lr=jnp.float32(1.0),
                            sparsity_mask=jnp.float32(1.0))
@@ -196,7 +183,8 @@ def test_sparsified_updates_keep_the_clip_bound(mode):
                              np.full(2, 1.0), 40)
   state = ctrl.init()
   if mode == 'topk_prev':
-    state = state.replace(prev_update=jnp.arange(40.0))
+    state = state.replace(rules={**state.rules, 'sparsity': state.rules['sparsity'].replace(
+        prev_update=jnp.arange(40.0))})
   dp, _ = ctrl.client_dp(state, jnp.arange(2))
   mask = dp.sparsity_mask[0]
   assert int(mask.sum()) == 12  # exactly 30% kept
@@ -212,7 +200,7 @@ def test_sparsified_updates_keep_the_clip_bound(mode):
     assert float(jnp.linalg.norm(diff)) <= 1.0 + 1e-5
 
 
-def test_adaptive_noise_filter_halts_before_exceeding(tmp_path):
+def test_adaptive_noise_filter_halts_before_exceeding(tmp_path, _tiny):
   cfg = _tiny(**{'privacy.adaptive_noise.enabled': True, 'privacy.adaptive_noise.patience': 1,
                  'privacy.adaptive_noise.threshold': 0.5, 'fed.rounds': 6,
                  'privacy.target_epsilon': 20.0})
@@ -225,3 +213,30 @@ def test_adaptive_noise_filter_halts_before_exceeding(tmp_path):
     assert f.spent_epsilon() <= 20.0 and f.epsilon_bound() <= 20.0
   # σ was lowered by the data-driven rule (adapt < 1) at some point.
   assert float(trainer.final_state.controller.adapt) < 1.0
+
+
+def test_query_errors_name_the_key_in_use():
+  # Review finding: with clip_mode='fixed' and adaptive noise the error named
+  # privacy.percentile.count_std_fraction although adaptive_noise.count_std_fraction was used.
+  cfg = _cfg(**{'privacy.adaptive_noise.enabled': True, 'privacy.accountant': 'rdp',
+                'privacy.batch_size': 10})
+  with pytest.raises(ValueError) as err:
+    _controller(cfg, z=1.0)  # 2·f·m = 1.0 ≤ z
+  assert 'privacy.adaptive_noise.count_std_fraction' in str(err.value)
+  assert 'percentile' not in str(err.value) and 'quantile' not in str(err.value)
+
+
+def test_rules_compose_and_their_queries_share_one_total_multiplier():
+  # quantile clip + data-driven noise: two queries, each with its own std, fold into one z.
+  cfg = _cfg(**{'privacy.clip_mode': 'quantile', 'privacy.adaptive_noise.enabled': True,
+                'privacy.accountant': 'rdp', 'privacy.batch_size': 40,
+                'privacy.quantile.count_std_fraction': 0.5,
+                'privacy.adaptive_noise.count_std_fraction': 0.25})
+  ctrl = _controller(cfg, z=1.0)
+  assert ctrl.aux == ('unclipped', 'loss')
+  a = [2 * 0.5 * 40, 2 * 0.25 * 40]
+  np.testing.assert_allclose(ctrl.aux_multiplier, (a[0]**-2 + a[1]**-2) ** -0.5, rtol=1e-6)
+  dp, z = ctrl.client_dp(ctrl.init(), jnp.arange(2))
+  np.testing.assert_allclose(np.asarray(dp.aux_std), [[0.5 * 40, 0.25 * 40]] * 2, rtol=1e-6)
+  z_grad = float(dp.noise_grad[0])
+  np.testing.assert_allclose(z_grad**-2 + a[0]**-2 + a[1]**-2, float(z[0])**-2, rtol=1e-4)

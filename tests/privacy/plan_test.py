@@ -22,6 +22,10 @@ def _quickstart(arg):
   return module.get_config(arg)
 
 
+def _participation(cfg, k):
+  return sampling.participation(cfg.seed, cfg.fed.rounds, k, cfg.fed.clients_per_round)
+
+
 def _planned_ledger(plan, silo, rounds, steps):
   """The ledger a completed run charges silo ``silo``: every planned round's step spec."""
   ledger = accounting.Ledger(plan.accountant)
@@ -51,7 +55,7 @@ def test_quickstart_smoke_ledger_covers_the_add_one_neighbour():
   # over the add-one neighbour (n + 1 records) gives 8.126 > 8.
   cfg = _quickstart('smoke')
   n, k = int(cfg.data.examples_per_client), int(cfg.data.num_clients)
-  plan = plan_lib.PrivacyPlan.from_config(cfg, np.full(k, n))
+  plan = plan_lib.PrivacyPlan.from_config(cfg, np.full(k, n), _participation(cfg, k))
   assert plan.max_batch <= n  # truncation is possible: the case under test
   for silo in range(k):
     ledger = _planned_ledger(plan, silo, int(cfg.fed.rounds), int(cfg.fed.local_steps))
@@ -70,7 +74,7 @@ def test_batch_size_equal_to_silo_size_cannot_truncate_the_neighbour(accountant)
   cfg.privacy.batch_size = 24
   cfg.privacy.accountant = accountant
   sizes = np.array([24, 24, 24, 24])
-  plan = plan_lib.PrivacyPlan.from_config(cfg, sizes)
+  plan = plan_lib.PrivacyPlan.from_config(cfg, sizes, _participation(cfg, len(sizes)))
   spec = plan.spec(0, 1.0)
   assert plan.max_batch > 24 or spec.is_truncated
   assert plan.max_batch == 25 and not spec.is_truncated
@@ -79,6 +83,6 @@ def test_batch_size_equal_to_silo_size_cannot_truncate_the_neighbour(accountant)
 
 
 def test_never_truncating_batch_holds_the_neighbour():
-  assert sampling.max_batch_size(30, 0.5, float('inf')) == 31
-  assert sampling.max_batch_size(30, 0.9, 4.0) == 31  # the 4-sd rule would exceed n
-  assert sampling.max_batch_size(256, 0.125, 4.0) == 54
+  assert plan_lib.max_batch_size(30, 0.5, float('inf')) == 31
+  assert plan_lib.max_batch_size(30, 0.9, 4.0) == 31  # the 4-sd rule would exceed n
+  assert plan_lib.max_batch_size(256, 0.125, 4.0) == 54

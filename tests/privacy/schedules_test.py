@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from adpfl_jax.privacy import accounting as acc
+from adpfl_jax.privacy import calibration
 from adpfl_jax.privacy import schedules
 
 CASES = [
@@ -80,33 +81,34 @@ def _rdp_of_runs(q, runs, delta):
 ])
 def test_calibrated_schedule_lands_within_one_percent_below_target(kind, params):
   q, steps_per_round, rounds, target, delta = 0.01, 5, 8, 1.0, 1e-5
-  s = schedules.calibrate_schedule(kind, params, target, delta, q, steps_per_round, rounds)
-  sigmas = schedules.noise_multipliers(kind, params, s, rounds)
-  distinct = len(set(sigmas.tolist()))
-  grid = acc.default_noise_grid('rdp', distinct)
-  accounted = [(z if grid is None else acc.quantize_noise(float(z), grid), steps_per_round)
-               for z in sigmas]
+  params = schedules.validate_params(kind, params, rounds)
+  plan = calibration.SiloPlan(q, tuple(range(rounds)), steps_per_round, kind,
+                              tuple(sorted(params.items())), accountant='rdp',
+                              quantize=kind != 'constant')
+  s = calibration.calibrate(plan, target, delta)
+  sigmas = [plan.sigma(s, r) for r in range(rounds)]
+  accounted = [(plan.spec(z).noise_multiplier, steps_per_round) for z in sigmas]
   planned = _rdp_of_runs(q, accounted, delta)
   assert 0.99 * target <= planned <= target
   # The exact σ_t (what the device adds) are >= the accounted ones: never above the target.
-  assert _rdp_of_runs(q, [(float(z), steps_per_round) for z in sigmas], delta) <= target
-  # planned_runs reproduces the same plan.
-  runs = schedules.planned_runs(kind, params, s, q, steps_per_round, rounds, noise_grid=grid)
+  assert _rdp_of_runs(q, [(z, steps_per_round) for z in sigmas], delta) <= target
+  # The plan's ledger runs are the same plan.
   ledger = acc.Ledger('rdp')
-  ledger.extend(runs)
+  ledger.extend(plan.runs(s))
   assert ledger.epsilon(delta) == pytest.approx(planned, abs=1e-9)
 
 
 def test_calibrated_step_schedule_with_pld():
   q, steps_per_round, rounds, target, delta, disc = 0.05, 25, 4, 2.0, 1e-5, 1e-3
-  params = {'factor': 0.8, 'every': 2}
-  s = schedules.calibrate_schedule('step', params, target, delta, q, steps_per_round, rounds,
-                                   accountant='pld', noise_grid=None, pld_discretization=disc)
-  sigmas = schedules.noise_multipliers('step', params, s, rounds)
+  params = (('every', 2), ('factor', 0.8))
+  plan = calibration.SiloPlan(q, tuple(range(rounds)), steps_per_round, 'step', params,
+                              accountant='pld')
+  s = calibration.calibrate(plan, target, delta)
+  sigmas = [plan.sigma(s, r) for r in range(rounds)]
   event = dpa.ComposedDpEvent([
       dpa.SelfComposedDpEvent(dpa.PoissonSampledDpEvent(q, dpa.GaussianDpEvent(float(z))),
                               steps_per_round) for z in sigmas])
   eps = dpa.pld.PLDAccountant(value_discretization_interval=disc).compose(event).get_epsilon(
       delta)
   assert 0.99 * target <= eps <= target
-  assert math.isclose(sigmas[2] / sigmas[0], 0.8)
+  assert math.isclose(sigmas[2] / sigmas[0], 0.8, rel_tol=1e-6)

@@ -12,39 +12,21 @@ import pytest
 
 from adpfl_jax import train
 from adpfl_jax import validation
-from adpfl_jax.configs import common
-from adpfl_jax.configs import default
 from adpfl_jax.privacy import accounting
 
 ROOT = os.path.join(os.path.dirname(__file__), '..', '..')
 TIMING = ('wall_seconds', 'examples_per_second', 'seconds_per_round')
 
 
-def tiny(**kw):
-  c = default.get_config()
-  c.data.examples_per_client = 24
-  c.data.test_examples_per_client = 4
-  c.data.image_size = 8
-  c.model.features = 4
-  c.model.depth = 1
-  c.model.groups = 2
-  c.fed.rounds = 4
-  c.fed.local_steps = 2
-  c.privacy.batch_size = 6
-  c.privacy.accountant = 'rdp'
-  c.eval.every_rounds = 1
-  c.checkpoint.every_rounds = 1
-  c.log.progress = False
-  for key, value in kw.items():
-    common.set_path(c, key, value)
-  return c
+@pytest.fixture(scope='module')
+def tiny(tiny_config):
+  """The shared tiny run over 4 rounds with a checkpoint after every round."""
+  return lambda **kw: tiny_config(**{'fed.rounds': 4, 'checkpoint.every_rounds': 1, **kw})
 
 
 @pytest.fixture(scope='module')
-def data():
-  from adpfl_jax.data import federated
-  c = tiny()
-  return federated.load(c.data, c.seed)
+def data(tiny_data):
+  return tiny_data
 
 
 def _rows(workdir):
@@ -57,17 +39,17 @@ def _params(trainer):
 
 
 @pytest.fixture(scope='module')
-def reference(data, tmp_path_factory):
+def reference(data, tmp_path_factory, tiny):
   workdir = str(tmp_path_factory.mktemp('ref'))
   trainer = train.Trainer(tiny(), workdir, data=data)
   trainer.run()
   return workdir, trainer
 
 
-def test_resume_after_partial_run_is_exact(data, reference, tmp_path):
+def test_resume_after_partial_run_is_exact(data, reference, tmp_path, tiny, stop_after):
   ref_dir, ref = reference
   workdir = str(tmp_path)
-  _run_rounds(train.Trainer(tiny(), workdir, data=data), 2)  # a run that died after round 2
+  stop_after(train.Trainer(tiny(), workdir, data=data), 2)  # a run that died after round 2
   resumed = train.Trainer(tiny(), workdir, data=data)
   resumed.run()
   for a, b in zip(_params(ref), _params(resumed)):
@@ -76,28 +58,11 @@ def test_resume_after_partial_run_is_exact(data, reference, tmp_path):
   assert ref.plan.ledgers == resumed.plan.ledgers
 
 
-def _run_rounds(trainer, n):
-  """Runs ``n`` rounds and checkpoints, as a run killed after round n would have."""
-  from adpfl_jax import checkpointing
-  import jax.numpy as jnp
-  state, _ = trainer._resume(None, os.path.join(trainer.workdir, 'metrics.jsonl'))
-  x, y = jnp.asarray(trainer.data.train_x), jnp.asarray(trainer.data.train_y)
-  ckpt = checkpointing.Checkpointer(trainer.workdir, keep=3)
-  with open(os.path.join(trainer.workdir, 'metrics.jsonl'), 'a') as mf:
-    for r in range(n):
-      inputs, clients, ran = trainer.round_inputs(r)
-      state, m = trainer.round.step(state, x, y, inputs)
-      m = jax.device_get(m)
-      trainer.plan.record_round(r, clients, np.asarray(m['noise_multiplier']), ran)
-      trainer._log(mf, r + 1, state, m, clients, 0.0)
-      ckpt.save(r + 1, state, trainer._host_state(0.0))
-  ckpt.close()
-
-
-def test_truncated_checkpoint_falls_back_to_previous(data, reference, tmp_path, capsys):
+def test_truncated_checkpoint_falls_back_to_previous(data, reference, tmp_path, capsys, tiny,
+                                                    stop_after):
   ref_dir, ref = reference
   workdir = str(tmp_path)
-  _run_rounds(train.Trainer(tiny(), workdir, data=data), 3)
+  stop_after(train.Trainer(tiny(), workdir, data=data), 3)
   # Damage the newest checkpoint (round 3) as a kill during its write could have.
   step_dir = os.path.join(workdir, 'checkpoints', '3')
   for root, _, files in os.walk(os.path.join(step_dir, 'state')):
@@ -114,14 +79,14 @@ def test_truncated_checkpoint_falls_back_to_previous(data, reference, tmp_path, 
     np.testing.assert_array_equal(a, b)
 
 
-def test_resume_refuses_a_different_config(data, tmp_path):
+def test_resume_refuses_a_different_config(data, tmp_path, tiny):
   workdir = str(tmp_path)
   train.Trainer(tiny(**{'fed.rounds': 1}), workdir, data=data).run()
   with pytest.raises(validation.ConfigError, match='fed.client_lr'):
     train.Trainer(tiny(**{'fed.rounds': 1, 'fed.client_lr': 0.3}), workdir, data=data).run()
 
 
-def test_forced_resume_with_more_rounds_never_ends_above_target(data, tmp_path):
+def test_forced_resume_with_more_rounds_never_ends_above_target(data, tmp_path, tiny):
   # Review probe: a finished run at its target ε = 3, resumed with checkpoint.force and twice the
   # rounds, used to run one more round at the checkpoint's σ (ε 3.467 > 3) before stopping.
   workdir = str(tmp_path)
@@ -140,12 +105,12 @@ def test_forced_resume_with_more_rounds_never_ends_above_target(data, tmp_path):
   assert all(ledger.epsilon(1e-5) <= 3.0 for ledger in ledgers)
 
 
-def test_forced_resume_recalibrates_the_remaining_rounds(data, tmp_path):
+def test_forced_resume_recalibrates_the_remaining_rounds(data, tmp_path, tiny, stop_after):
   # A run planned for 4 rounds stopped after 2, then extended to 6 rounds by a forced resume: the
   # remaining rounds get the noise that lands the whole run on the target, and all run.
   workdir = str(tmp_path)
   planned = tiny(**{'privacy.target_epsilon': 3.0})
-  _run_rounds(train.Trainer(planned, workdir, data=data), 2)
+  stop_after(train.Trainer(planned, workdir, data=data), 2)
   old_scale = train.Trainer(planned, str(tmp_path / 'x'), data=data).plan.noise_scale
   longer = tiny(**{'fed.rounds': 6, 'privacy.target_epsilon': 3.0, 'checkpoint.force': True})
   trainer = train.Trainer(longer, workdir, data=data)
@@ -157,7 +122,7 @@ def test_forced_resume_recalibrates_the_remaining_rounds(data, tmp_path):
   assert np.all(np.asarray(trainer.final_state.controller.noise_scale) > old_scale)
 
 
-def test_dropout_and_nan_client(data, tmp_path):
+def test_dropout_and_nan_client(data, tmp_path, tiny):
   cfg = tiny(**{'faults.dropout': 0.2, 'faults.nan_clients': '2', 'fed.rounds': 5,
                 'faults.straggler_fraction': 0.3, 'checkpoint.every_rounds': 0})
   trainer = train.Trainer(cfg, str(tmp_path), data=data)
