@@ -12,6 +12,7 @@ import pytest
 
 from adpfl_jax.data import ham10000
 from adpfl_jax.data import partition
+from adpfl_jax.data import tfds_ham10000
 
 # Hand-written fixture: (lesion_id, image_id, dx, dx_type, age, sex, localization, dataset).
 _ROWS = [
@@ -292,18 +293,28 @@ def test_load_federation_max_examples_and_bad_partition(tmp_path):
     ham10000.load_federation(root, 16, partition='natural', num_clients=5)
 
 
-def test_tfds_builder_array_record_roundtrip(tmp_path):
-  tfds_ham10000 = pytest.importorskip('adpfl_jax.data.tfds_ham10000')
+def test_tfds_builder_array_record_roundtrip(tmp_path, monkeypatch):
+  monkeypatch.setattr(tfds_ham10000, 'IMAGES_PER_SHARD', 4)  # 6 images: 2 shards.
   root = ham10000.write_phantoms(tmp_path / 'ph', cases=6, sites=2, image_size=(48, 64))
   out = tfds_ham10000.prepare(root, tmp_path / 'tfds', image_size=(32, 32))
-  assert list(out.glob('*.array_record-*')), f'no array_record files in {out}'
+  assert out == tmp_path / 'tfds' / 'ham10000_seg' / '32x32' / '1.1.0'
+  assert len(list(out.glob('*.array_record-*'))) == 2, f'not 2 array_record shards in {out}'
   source = tfds_ham10000.load_data_source(tmp_path / 'tfds', image_size=(32, 32))
   assert len(source) == 6
-  expected = {r.image_id: r for r in ham10000.scan(root)}
+  scanned = ham10000.scan(root)
+  expected = {r.image_id: r for r in scanned}
+  # The index in metadata.json lists the examples in their stored order: the scan order.
+  assert tfds_ham10000.find(tmp_path / 'tfds', (32, 32)) == out
+  assert tfds_ham10000.find(tmp_path / 'tfds' / 'ham10000_seg', 32) == out
+  index = tfds_ham10000.records(out)
+  assert [r['image_id'] for r in index] == [r.image_id for r in scanned]
+  assert [(r['lesion_id'], r['site'], r['dx']) for r in index] == [
+      (r.lesion_id, r.site, r.dx) for r in scanned]
   seen = set()
   for i in range(len(source)):
     ex = source[i]
     image_id = ex['image_id'].decode()
+    assert image_id == index[i]['image_id']
     seen.add(image_id)
     assert ex['image'].shape == (32, 32, 3) and ex['image'].dtype == np.uint8
     assert ex['mask'].shape == (32, 32) and ex['mask'].dtype == np.uint8
@@ -313,3 +324,11 @@ def test_tfds_builder_array_record_roundtrip(tmp_path):
     assert ex['lesion_id'].decode() == expected[image_id].lesion_id
     assert ex['site'].decode() == expected[image_id].site
   assert seen == set(expected)
+
+
+def test_find_names_the_prepared_sizes(tmp_path):
+  assert tfds_ham10000.find(tmp_path, (32, 32)) is None  # Not a prepared folder.
+  root = ham10000.write_phantoms(tmp_path / 'ph', cases=3, sites=1, image_size=(24, 32))
+  tfds_ham10000.prepare(root, tmp_path / 'tfds', image_size=(16, 16))
+  with pytest.raises(ValueError, match=r"\['16x16/1.1.0'\].*config\.data\.image_size"):
+    tfds_ham10000.find(tmp_path / 'tfds', (32, 32))
