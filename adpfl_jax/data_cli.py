@@ -6,9 +6,9 @@
       [--config experiments/kits23.py[:smoke]] [--shape 32,64,64] [--target-spacing 5,3.2,3.2] \
       [--image-size 64,64] [--test-fraction 0.2] [--max-cases N] [--overwrite]
 
-`make-phantoms` writes synthetic cases through the same writers the loaders' phantom cache uses
-(`adpfl_jax.data.loaders.write_phantoms`): HAM10000 (`HAM10000_images_part_{1,2}/`, Tschandl
-masks, metadata CSV with the `dataset` site column), KiTS23 (`dataset/case_XXXXX/`, KiTS affine,
+`make-phantoms` writes synthetic cases through the same writers the pipeline's phantom cache uses
+(`adpfl_jax.data.phantoms.write`): HAM10000 (`HAM10000_images_part_{1,2}/`, Tschandl masks,
+metadata CSV with the `dataset` site column), KiTS23 (`dataset/case_XXXXX/`, KiTS affine,
 `anony_sites.csv`) or BraTS 2024 GLI (`training_data1_v2/BraTS-GLI-PPPPP-TTT/...`, several time
 points per patient, metadata sheet with a `Site` column). Train on them with
 `adpfl train --config=experiments/<task>.py:smoke --config.data.dir=DIR`.
@@ -34,10 +34,11 @@ import sys
 import time
 from typing import Any, Sequence
 
+from adpfl_jax.data import phantoms
+from adpfl_jax.data import sources
 from adpfl_jax.data import tfds_3d
 from adpfl_jax.data import tfds_ham10000
 
-TASKS = ('ham10000', 'kits23', 'brats2024')
 _TFDS_3D = {'kits23': 'kits23_seg', 'brats2024': 'brats2024_seg'}
 
 
@@ -71,7 +72,7 @@ def build_parser(prog: str = 'adpfl data') -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest='command', required=True)
 
   mk = sub.add_parser('make-phantoms', help='write phantom cases in the real on-disk layout')
-  mk.add_argument('--task', choices=TASKS, required=True)
+  mk.add_argument('--task', choices=sources.TASKS, required=True)
   mk.add_argument('--out', required=True, help='output folder (created if needed)')
   mk.add_argument('--cases', type=int, required=True,
                   help='images (ham10000) or labelled cases / time points (kits23, brats2024)')
@@ -82,7 +83,7 @@ def build_parser(prog: str = 'adpfl data') -> argparse.ArgumentParser:
                   '(96,128 / 32,48,48 / 32,48,40)')
 
   pr = sub.add_parser('prepare', help='prepare a TFDS array_record data set from a release')
-  pr.add_argument('--task', choices=TASKS, required=True)
+  pr.add_argument('--task', choices=sources.TASKS, required=True)
   pr.add_argument('--data-dir', required=True, help='the raw release folder (TFDS manual_dir)')
   pr.add_argument('--out', required=True, help='TFDS data_dir to write into')
   pr.add_argument('--config', default=None,
@@ -106,7 +107,6 @@ def _count_files(root: pathlib.Path) -> int:
 
 
 def _make_phantoms(args) -> int:
-  from adpfl_jax.data import loaders  # pylint: disable=g-import-not-at-top
   if args.cases < 1:
     raise UsageError(f'--cases must be >= 1, got {args.cases}')
   if args.sites < 1:
@@ -117,7 +117,7 @@ def _make_phantoms(args) -> int:
                      f'got {",".join(map(str, args.shape))}')
   out = pathlib.Path(args.out)
   t = time.time()
-  loaders.write_phantoms(args.task, out, args.cases, args.sites, args.seed, args.shape)
+  phantoms.write(args.task, out, args.cases, args.sites, args.seed, args.shape)
   what = 'images' if args.task == 'ham10000' else 'cases'
   print(f'wrote {args.cases} {args.task} phantom {what} from {args.sites} site(s) '
         f'(seed {args.seed}) in the real layout to {out} ({_count_files(out)} files, '

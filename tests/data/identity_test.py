@@ -20,7 +20,7 @@ import pytest
 
 from adpfl_jax.configs import default
 from adpfl_jax.data import federated
-from adpfl_jax.data import ham10000
+from adpfl_jax.data import phantoms_ham10000
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY = {
@@ -142,8 +142,8 @@ def test_phantom_release_federation_is_unchanged(cache, name):
 
 @pytest.mark.parametrize('name', list(NO_SITES))
 def test_ham10000_without_sites_falls_back_as_before(tmp_path, name):
-  root = ham10000.write_phantoms(tmp_path / 'ham', cases=24, sites=2, seed=4,
-                                 image_size=(24, 32), **NO_SITES[name])
+  root = phantoms_ham10000.write_phantoms(tmp_path / 'ham', cases=24, sites=2, seed=4,
+                                          image_size=(24, 32), **NO_SITES[name])
   cfg = _experiment_data('ham10000')
   cfg.update(TINY['ham10000'], dir=str(root), num_workers=0, num_clients=2)
   _check(name, federated.load(ml_collections.ConfigDict(cfg), 0))
