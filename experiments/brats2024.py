@@ -36,20 +36,12 @@ def get_config(arg=None):
   args = common.parse_arg(arg, smoke=False)
   c = default.get_config()
   c.data.name = 'brats2024'
-  c.data.partition = 'natural'  # natural | iid | dirichlet
-  c.data.num_clients = 0  # natural: 0 = every site, K = the K largest sites
-  c.data.alpha = 0.5  # dirichlet concentration (over sites)
-  c.data.test_fraction = 0.2  # patients per client held out for evaluation
-  c.data.max_cases = 0  # 0 = all cases
   c.data.volume_shape = (48, 64, 48)  # (z, y, x) voxels of every example
   c.data.target_spacing = (3.0, 3.0, 3.0)  # mm, (z, y, x); () keeps the native spacing
   c.data.site_column = 'Site'  # metadata column of the natural clients
-  c.data.num_workers = 2  # threads decoding/preprocessing cases
-  # Phantoms used when data.dir is empty (written once into the cache).
+  # Phantoms used when data.dir is empty (written once into the cache, see common.medical_task).
   c.data.phantom_cases = 300
-  c.data.phantom_sites = 3
   c.data.phantom_shape = (96, 128, 112)
-  c.data.cache_dir = ''
 
   common.medical_task(c, model='unet3d', unit='patient', batch_size=8, eval_batch_size=8)
 

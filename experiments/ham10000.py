@@ -31,19 +31,11 @@ def get_config(arg=None):
   args = common.parse_arg(arg, smoke=False)
   c = default.get_config()
   c.data.name = 'ham10000'
-  c.data.partition = 'natural'  # natural | iid | dirichlet
-  c.data.num_clients = 0  # natural: 0 = every source, K = the K largest sources
-  c.data.alpha = 0.5  # dirichlet concentration (over the diagnosis)
-  c.data.test_fraction = 0.2  # lesions per client held out for evaluation
-  c.data.max_cases = 0  # 0 = all images
   c.data.image_size = 64  # int or (height, width)
   c.data.one_image_per_lesion = True  # training: one image per lesion (lesion-level DP)
-  c.data.num_workers = 2  # threads decoding images
-  # Phantoms used when data.dir is empty (written once into the cache).
+  # Phantoms used when data.dir is empty (written once into the cache, see common.medical_task).
   c.data.phantom_cases = 1200
-  c.data.phantom_sites = 3
   c.data.phantom_shape = (96, 128)
-  c.data.cache_dir = ''
 
   common.medical_task(c, model='unet2d', unit='lesion', batch_size=32, eval_batch_size=64)
 

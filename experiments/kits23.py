@@ -35,20 +35,12 @@ def get_config(arg=None):
   args = common.parse_arg(arg, smoke=False)
   c = default.get_config()
   c.data.name = 'kits23'
-  c.data.partition = 'natural'  # natural | iid | dirichlet
-  c.data.num_clients = 0  # natural: 0 = every site, K = the K largest sites
-  c.data.alpha = 0.5  # dirichlet concentration (over sites)
-  c.data.test_fraction = 0.2  # patients per client held out for evaluation
-  c.data.max_cases = 0  # 0 = all cases
   c.data.volume_shape = (32, 64, 64)  # (z, y, x) voxels of every example
   c.data.target_spacing = (5.0, 3.2, 3.2)  # mm, (z, y, x); () keeps the native spacing
   c.data.site_csv = ''  # `case,site_id` CSV; '' = <dir>/anony_sites.csv if present, else phase
-  c.data.num_workers = 2  # threads decoding/preprocessing cases
-  # Phantoms used when data.dir is empty (written once into the cache).
+  # Phantoms used when data.dir is empty (written once into the cache, see common.medical_task).
   c.data.phantom_cases = 60
-  c.data.phantom_sites = 3
   c.data.phantom_shape = (48, 160, 160)
-  c.data.cache_dir = ''
 
   common.medical_task(c, model='unet3d', unit='patient', batch_size=4, eval_batch_size=8)
 

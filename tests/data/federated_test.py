@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from adpfl_jax import train
+from adpfl_jax import validation
 from adpfl_jax.data import brats
 from adpfl_jax.data import federated
 from adpfl_jax.data import ham10000
@@ -311,6 +312,14 @@ def test_experiment_configs_are_valid(task, arg):
   assert opts.partition == 'natural'
   with pytest.raises(AttributeError):
     c.data.dri = '/x'  # Locked: a typo fails.
+
+
+@pytest.mark.parametrize('key,value', [('name', 'kits19'), ('partition', 'random')])
+def test_validate_checks_the_data_choices(key, value):
+  c = _experiment('brats2024')
+  c.data[key] = value
+  with pytest.raises(validation.ConfigError, match=rf'config\.data\.{key}=.*must be one of'):
+    validation.validate(c)
 
 
 def test_tiny_kits23_training_reports_every_region(data_dirs, tmp_path):
