@@ -101,8 +101,8 @@ _TASKS = {
 
 def _key(data_cfg, key: str) -> Any:
   if key not in data_cfg:
-    raise DataConfigError(f'config.data.{key} is missing: the data pipeline reads it (set it in '
-                          'the experiment config; see experiments/<task>.py).')
+    raise DataConfigError(f'config.data.{key} is missing: the data pipeline reads it (the configs '
+                          'set it: configs/default.py, configs/common.py, experiments/<task>.py).')
   return data_cfg[key]
 
 
@@ -295,16 +295,15 @@ def _partition(opts: Options, task: _Task, cases: list[sources.Case], groups: np
     if method == 'iid':
       indices = partition.iid(len(cases), k, seed, groups=groups)
     else:
-      alpha = opts.alpha
       labels = [c.label for c in cases]
       skew = 'label' if all(v is not None for v in labels) else 'quantity'
-      meta.update(alpha=alpha, skew=task.label if skew == 'label' else skew)
+      meta.update(alpha=opts.alpha, skew=task.label if skew == 'label' else skew)
       try:
         indices = partition.dirichlet(np.array(labels if skew == 'label' else [''] * len(cases)),
-                                      k, alpha, seed, min_size=_MIN_GROUPS, groups=groups,
+                                      k, opts.alpha, seed, min_size=_MIN_GROUPS, groups=groups,
                                       skew=skew)
       except ValueError as e:
-        raise DataConfigError(f'config.data.alpha={alpha}, config.data.num_clients={k}: '
+        raise DataConfigError(f'config.data.alpha={opts.alpha}, config.data.num_clients={k}: '
                               f'{e}') from e
     names, ordinals = [f'client_{i}' for i in range(k)], list(range(k))
   for name, idx in zip(names, indices):
