@@ -3,32 +3,42 @@
   adpfl data make-phantoms --task {ham10000,kits23,brats2024} --out DIR --cases N \
       [--sites S] [--seed 0] [--shape 32,48,48]
   adpfl data prepare --task {ham10000,kits23,brats2024} --data-dir DIR --out DIR \
-      [--shape 64,128,128] [--target-spacing 3,1.6,1.6] [--image-size 128,128] \
-      [--test-fraction 0.2] [--max-cases N] [--overwrite]
+      [--config experiments/kits23.py[:smoke]] [--shape 32,64,64] [--target-spacing 5,3.2,3.2] \
+      [--image-size 64,64] [--test-fraction 0.2] [--max-cases N] [--overwrite]
 
-`make-phantoms` writes synthetic cases through the same writers the loaders' phantom cache uses
-(`adpfl_jax.data.loaders.write_phantoms`): HAM10000 (`HAM10000_images_part_{1,2}/`, Tschandl
-masks, metadata CSV with the `dataset` site column), KiTS23 (`dataset/case_XXXXX/`, KiTS affine,
+`make-phantoms` writes synthetic cases through the same writers the pipeline's phantom cache uses
+(`adpfl_jax.data.phantoms.write`): HAM10000 (`HAM10000_images_part_{1,2}/`, Tschandl masks,
+metadata CSV with the `dataset` site column), KiTS23 (`dataset/case_XXXXX/`, KiTS affine,
 `anony_sites.csv`) or BraTS 2024 GLI (`training_data1_v2/BraTS-GLI-PPPPP-TTT/...`, several time
 points per patient, metadata sheet with a `Site` column). Train on them with
 `adpfl train --config=experiments/<task>.py:smoke --config.data.dir=DIR`.
 
 `prepare` runs the TFDS builders without TensorFlow: `tfds_ham10000.prepare` (`ham10000_seg`,
-images resized to `--image-size`) or `tfds_3d.prepare` (`kits23_seg` / `brats2024_seg`, each case
-preprocessed to `--shape` at `--target-spacing`), and prints the prepared folder.
+images resized to the image size) or `tfds_3d.prepare` (`kits23_seg` / `brats2024_seg`, each case
+preprocessed to the volume shape at the target spacing), and prints the prepared folder. The
+preprocessing keys come from the training config given with `--config` (`config.data.image_size`,
+or `volume_shape`, `target_spacing` and the site keys `site_csv` / `site_column`); `--shape`,
+`--target-spacing` and `--image-size` set or override them. Training with the same config and
+`--config.data.dir=OUT` then reads the prepared arrays (docs/datasets.md §8.2) and gets the same
+federation as from the raw release, without decoding or resampling a single image.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import pathlib
 import sys
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
-TASKS = ('ham10000', 'kits23', 'brats2024')
+from adpfl_jax.data import phantoms
+from adpfl_jax.data import sources
+from adpfl_jax.data import tfds_3d
+from adpfl_jax.data import tfds_ham10000
+
 _TFDS_3D = {'kits23': 'kits23_seg', 'brats2024': 'brats2024_seg'}
 
 
@@ -62,7 +72,7 @@ def build_parser(prog: str = 'adpfl data') -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest='command', required=True)
 
   mk = sub.add_parser('make-phantoms', help='write phantom cases in the real on-disk layout')
-  mk.add_argument('--task', choices=TASKS, required=True)
+  mk.add_argument('--task', choices=sources.TASKS, required=True)
   mk.add_argument('--out', required=True, help='output folder (created if needed)')
   mk.add_argument('--cases', type=int, required=True,
                   help='images (ham10000) or labelled cases / time points (kits23, brats2024)')
@@ -73,12 +83,17 @@ def build_parser(prog: str = 'adpfl data') -> argparse.ArgumentParser:
                   '(96,128 / 32,48,48 / 32,48,40)')
 
   pr = sub.add_parser('prepare', help='prepare a TFDS array_record data set from a release')
-  pr.add_argument('--task', choices=TASKS, required=True)
+  pr.add_argument('--task', choices=sources.TASKS, required=True)
   pr.add_argument('--data-dir', required=True, help='the raw release folder (TFDS manual_dir)')
   pr.add_argument('--out', required=True, help='TFDS data_dir to write into')
-  pr.add_argument('--image-size', type=_ints, default=(128, 128), help='ham10000: H,W')
-  pr.add_argument('--shape', type=_ints, default=None, help='3D: Z,Y,X of every example')
-  pr.add_argument('--target-spacing', type=_floats, default=None, help='3D: Z,Y,X in mm')
+  pr.add_argument('--config', default=None,
+                  help='training config FILE[:ARG] whose config.data preprocessing keys to use')
+  pr.add_argument('--image-size', type=_ints, default=None,
+                  help='ham10000: H,W (default: config.data.image_size)')
+  pr.add_argument('--shape', type=_ints, default=None,
+                  help='3D: Z,Y,X of every example (default: config.data.volume_shape)')
+  pr.add_argument('--target-spacing', type=_floats, default=None,
+                  help='3D: Z,Y,X in mm (default: config.data.target_spacing)')
   pr.add_argument('--test-fraction', type=float, default=None,
                   help='3D: fraction of patients in a test split (default 0: train only)')
   pr.add_argument('--max-cases', type=int, default=None, help='3D: keep the first N cases')
@@ -92,7 +107,6 @@ def _count_files(root: pathlib.Path) -> int:
 
 
 def _make_phantoms(args) -> int:
-  from adpfl_jax.data import loaders  # pylint: disable=g-import-not-at-top
   if args.cases < 1:
     raise UsageError(f'--cases must be >= 1, got {args.cases}')
   if args.sites < 1:
@@ -103,7 +117,7 @@ def _make_phantoms(args) -> int:
                      f'got {",".join(map(str, args.shape))}')
   out = pathlib.Path(args.out)
   t = time.time()
-  loaders.write_phantoms(args.task, out, args.cases, args.sites, args.seed, args.shape)
+  phantoms.write(args.task, out, args.cases, args.sites, args.seed, args.shape)
   what = 'images' if args.task == 'ham10000' else 'cases'
   print(f'wrote {args.cases} {args.task} phantom {what} from {args.sites} site(s) '
         f'(seed {args.seed}) in the real layout to {out} ({_count_files(out)} files, '
@@ -116,28 +130,60 @@ def _make_phantoms(args) -> int:
   return 0
 
 
-def _prepare(args) -> int:
-  data_dir = pathlib.Path(args.data_dir)
-  if not data_dir.is_dir():
-    raise UsageError(f'--data-dir {data_dir} is not a directory')
-  t = time.time()
+def _config_data(spec: str, task: str) -> Any:
+  """`config.data` of the experiment config `FILE[:ARG]` (its `get_config(ARG)`)."""
+  path, _, arg = spec.partition(':')
+  if not pathlib.Path(path).is_file():
+    raise UsageError(f'--config {path}: no such file')
+  module_spec = importlib.util.spec_from_file_location('adpfl_data_prepare_config', path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  data = module.get_config(arg or None).data
+  if data.name != task:
+    raise UsageError(f'--config {spec} is a {data.name!r} config (config.data.name), not {task!r}')
+  return data
+
+
+def _preprocessing(args) -> dict[str, Any]:
+  """The preprocessing keys of `prepare`: the flags, else the `--config` file's `config.data`."""
+  data = _config_data(args.config, args.task) if args.config else None
+
+  def pick(value, key: str, flag: str) -> tuple:
+    if value is None and data is not None:
+      value = data[key]
+    if not value:
+      raise UsageError(f'{flag} (or --config with a non-empty config.data.{key}) is required '
+                       f'for {args.task}')
+    return (value, value) if isinstance(value, int) else tuple(value)
+
   if args.task == 'ham10000':
-    from adpfl_jax.data import tfds_ham10000  # pylint: disable=g-import-not-at-top
-    size = args.image_size
+    size = pick(args.image_size, 'image_size', '--image-size')
     if len(size) == 1:
       size = size * 2
     if len(size) != 2:
       raise UsageError('--image-size needs H,W')
-    path = tfds_ham10000.prepare(data_dir, args.out, image_size=size, overwrite=args.overwrite)
+    return {'image_size': size}
+  shape = pick(args.shape, 'volume_shape', '--shape')
+  if len(shape) != 3:
+    raise UsageError('--shape needs Z,Y,X')
+  cfg = {'shape': shape,
+         'target_spacing': pick(args.target_spacing, 'target_spacing', '--target-spacing')}
+  if data is not None and args.task == 'kits23' and data.site_csv:
+    cfg['site_csv'] = data.site_csv
+  if data is not None and args.task == 'brats2024':
+    cfg['site_column'] = data.site_column
+  return cfg
+
+
+def _prepare(args) -> int:
+  data_dir = pathlib.Path(args.data_dir)
+  if not data_dir.is_dir():
+    raise UsageError(f'--data-dir {data_dir} is not a directory')
+  cfg = _preprocessing(args)
+  t = time.time()
+  if args.task == 'ham10000':
+    path = tfds_ham10000.prepare(data_dir, args.out, overwrite=args.overwrite, **cfg)
   else:
-    from adpfl_jax.data import tfds_3d  # pylint: disable=g-import-not-at-top
-    cfg = {}
-    if args.shape is not None:
-      if len(args.shape) != 3:
-        raise UsageError('--shape needs Z,Y,X')
-      cfg['shape'] = args.shape
-    if args.target_spacing is not None:
-      cfg['target_spacing'] = args.target_spacing
     if args.test_fraction is not None:
       cfg['test_fraction'] = args.test_fraction
     if args.max_cases is not None:
@@ -146,6 +192,9 @@ def _prepare(args) -> int:
                            **cfg)
     print(json.dumps(tfds_3d.prepared_config(path), indent=2))
   print(f'prepared {args.task} from {data_dir} in {time.time() - t:.1f} s: {path}')
+  print(f'train on it: adpfl train --config={args.config or "CONFIG"} '
+        f'--config.data.dir={args.out} --workdir=WORKDIR'
+        + ('' if args.config else f'  (CONFIG: the preprocessing keys above, {cfg})'))
   return 0
 
 

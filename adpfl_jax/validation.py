@@ -7,6 +7,8 @@ import math
 import jax
 
 from adpfl_jax import models
+from adpfl_jax.data import federated as data_federated
+from adpfl_jax.data import partition as data_partition
 from adpfl_jax.federated import backends
 from adpfl_jax.federated import server
 from adpfl_jax.privacy import accounting
@@ -129,6 +131,7 @@ def validate(config) -> None:
     n = f.num_devices or jax.device_count()
     _check(n <= jax.device_count(), 'fed.num_devices', f.num_devices,
            f'only {jax.device_count()} devices are visible')
+  _choice(config, 'data.name', data_federated.DATASETS)
   if d.name == 'phantom_skin':
     _check(d.num_clients >= 1, 'data.num_clients', d.num_clients, 'must be >= 1')
     _check(d.examples_per_client >= 1, 'data.examples_per_client', d.examples_per_client,
@@ -140,6 +143,8 @@ def validate(config) -> None:
     if p.mode == 'dp':
       _check(p.batch_size <= d.examples_per_client, 'privacy.batch_size', p.batch_size,
              f'expected batch must be <= data.examples_per_client={d.examples_per_client}')
+  else:
+    _choice(config, 'data.partition', data_partition.PARTITIONS)
 
 
 def validate_data(config, data) -> None:

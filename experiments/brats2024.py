@@ -3,6 +3,8 @@ r"""BraTS 2024 adult glioma MRI: DP-FL with a 3D U-Net over natural sites, (ε =
   adpfl train --config=experiments/brats2024.py --config.data.dir=/data/brats2024 --workdir=runs/b
   adpfl data make-phantoms --task brats2024 --out /tmp/brats --cases 1200
   adpfl train --config=experiments/brats2024.py:smoke --config.data.dir=/tmp/brats --workdir=/tmp/b
+  adpfl data prepare --task brats2024 --data-dir /data/brats2024 --out /data/prep \
+      --config experiments/brats2024.py   # then --config.data.dir=/data/prep: no NIfTI decoding
 
 `config.data.dir` is the BraTS 2024 GLI release (docs/datasets.md §3): the release folders
 (`training_data1_v2/`, `training_data_additional/`) of `BraTS-GLI-PPPPP-TTT/` cases with
@@ -11,13 +13,13 @@ the natural clients (with `--config.data.num_clients=K` only the K largest sites
 Inputs are the 4 modalities (channels last), labels 0–4 (NETC, SNFH, ET, RC), evaluated on the
 regions WT, TC, ET, NETC, SNFH, RC (`adpfl_jax/metrics/regions.py`). Every case is cropped to the
 brain, resampled to `target_spacing`, z-scored per modality inside the brain and cropped/padded
-to `volume_shape` (`adpfl_jax/data/loaders.py`). Patients with several time points are split as
+to `volume_shape` (`adpfl_jax/data/federated.py`). Patients with several time points are split as
 a whole, and training keeps the earliest time point of each, so DP-SGD protects one patient
 (`privacy.unit='patient'`).
 
 With an empty `config.data.dir` the run uses BraTS-2024-like phantoms written once in the real
 layout into `~/.cache/adpfl_jax/phantoms/` (`$ADPFL_CACHE_DIR` overrides; see
-`loaders.phantom_dir`).
+`phantoms.cached`).
 
 `:smoke`: 1200 phantom time points (3 sites of ~200 training patients, the `make-phantoms` default
 32 × 48 × 40 at 1 mm), 8 × 16 × 16 volumes at 2 mm, features 8, depth 2, 20 rounds × 6 local steps
@@ -34,20 +36,12 @@ def get_config(arg=None):
   args = common.parse_arg(arg, smoke=False)
   c = default.get_config()
   c.data.name = 'brats2024'
-  c.data.partition = 'natural'  # natural | iid | dirichlet
-  c.data.num_clients = 0  # natural: 0 = every site, K = the K largest sites
-  c.data.alpha = 0.5  # dirichlet concentration (over sites)
-  c.data.test_fraction = 0.2  # patients per client held out for evaluation
-  c.data.max_cases = 0  # 0 = all cases
   c.data.volume_shape = (48, 64, 48)  # (z, y, x) voxels of every example
   c.data.target_spacing = (3.0, 3.0, 3.0)  # mm, (z, y, x); () keeps the native spacing
   c.data.site_column = 'Site'  # metadata column of the natural clients
-  c.data.num_workers = 2  # threads decoding/preprocessing cases
-  # Phantoms used when data.dir is empty (written once into the cache).
+  # Phantoms used when data.dir is empty (written once into the cache, see common.medical_task).
   c.data.phantom_cases = 300
-  c.data.phantom_sites = 3
   c.data.phantom_shape = (96, 128, 112)
-  c.data.cache_dir = ''
 
   common.medical_task(c, model='unet3d', unit='patient', batch_size=8, eval_batch_size=8)
 

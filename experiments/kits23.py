@@ -3,6 +3,8 @@ r"""KiTS23 kidney-tumour CT: DP-FL with a 3D U-Net over natural sites, (ε = 8, 
   adpfl train --config=experiments/kits23.py --config.data.dir=/data/kits23 --workdir=runs/kits
   adpfl data make-phantoms --task kits23 --out /tmp/kits --cases 489
   adpfl train --config=experiments/kits23.py:smoke --config.data.dir=/tmp/kits --workdir=/tmp/k
+  adpfl data prepare --task kits23 --data-dir /data/kits23 --out /data/prep \
+      --config experiments/kits23.py   # then --config.data.dir=/data/prep: no NIfTI decoding
 
 `config.data.dir` is the KiTS23 repository (or its `dataset/` folder, docs/datasets.md §2.1).
 Natural clients come from a `case,site_id` CSV (FLamby's `anony_sites.csv`, cases 0–299: pass it as
@@ -10,11 +12,11 @@ Natural clients come from a `case,site_id` CSV (FLamby's `anony_sites.csv`, case
 the K largest sites are kept) or, without one, from the contrast phase by case number (arterial
 0–499, nephrogenic 500–588). Every case is resampled to `target_spacing`, clipped to the KiTS19
 HU window [−79, 304] and z-scored with public nnU-Net constants, and cropped/padded to
-`volume_shape` around the kidneys (`adpfl_jax/data/loaders.py`). One case is one patient, and
+`volume_shape` around the kidneys (`adpfl_jax/data/federated.py`). One case is one patient, and
 DP-SGD protects one case (`privacy.unit='patient'`).
 
 With an empty `config.data.dir` the run uses KiTS23-like phantoms written once in the real layout
-into `~/.cache/adpfl_jax/phantoms/` (`$ADPFL_CACHE_DIR` overrides; see `loaders.phantom_dir`).
+into `~/.cache/adpfl_jax/phantoms/` (`$ADPFL_CACHE_DIR` overrides; see `phantoms.cached`).
 Phantom anatomy is drawn in normalised coordinates, so the physical size of the phantom abdomen
 varies with each site's voxel spacing; the full (non-smoke) run writes larger phantoms so that
 the real-data preprocessing (3.2 mm in-plane) still sees kidneys a few voxels wide.
@@ -33,20 +35,12 @@ def get_config(arg=None):
   args = common.parse_arg(arg, smoke=False)
   c = default.get_config()
   c.data.name = 'kits23'
-  c.data.partition = 'natural'  # natural | iid | dirichlet
-  c.data.num_clients = 0  # natural: 0 = every site, K = the K largest sites
-  c.data.alpha = 0.5  # dirichlet concentration (over sites)
-  c.data.test_fraction = 0.2  # patients per client held out for evaluation
-  c.data.max_cases = 0  # 0 = all cases
   c.data.volume_shape = (32, 64, 64)  # (z, y, x) voxels of every example
   c.data.target_spacing = (5.0, 3.2, 3.2)  # mm, (z, y, x); () keeps the native spacing
   c.data.site_csv = ''  # `case,site_id` CSV; '' = <dir>/anony_sites.csv if present, else phase
-  c.data.num_workers = 2  # threads decoding/preprocessing cases
-  # Phantoms used when data.dir is empty (written once into the cache).
+  # Phantoms used when data.dir is empty (written once into the cache, see common.medical_task).
   c.data.phantom_cases = 60
-  c.data.phantom_sites = 3
   c.data.phantom_shape = (48, 160, 160)
-  c.data.cache_dir = ''
 
   common.medical_task(c, model='unet3d', unit='patient', batch_size=4, eval_batch_size=8)
 

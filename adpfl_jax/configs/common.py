@@ -46,10 +46,21 @@ def set_path(config, key: str, value) -> None:
 def medical_task(config, *, model: str, unit: str, batch_size: int, eval_batch_size: int):
   """Sets what the HAM10000, KiTS23 and BraTS 2024 configs share (their full-size settings).
 
-  A GroupNorm U-Net (features 8, depth 3), 60 rounds of 3 clients × 4 local steps, and
+  The data keys every medical data set reads (`adpfl_jax/data/federated.py`; the task keys are in
+  `experiments/<task>.py`): natural clients (every site), 20% of each client's patients / lesions
+  held out for evaluation, all cases, 2 decoding threads, 3 phantom sites when `data.dir` is
+  empty. A GroupNorm U-Net (features 8, depth 3), 60 rounds of 3 clients × 4 local steps, and
   record-level DP-SGD per silo calibrated to (ε = 8, δ = 1e-5) with C = 1, protecting one `unit`.
   """
   c = config
+  c.data.partition = 'natural'  # natural | iid | dirichlet
+  c.data.num_clients = 0  # natural: 0 = every site, K = the K largest sites
+  c.data.alpha = 0.5  # dirichlet concentration (HAM10000: over the diagnosis; 3D: over sites)
+  c.data.test_fraction = 0.2  # patients (lesions) per client held out for evaluation
+  c.data.max_cases = 0  # 0 = all cases (images)
+  c.data.num_workers = 2  # threads decoding/preprocessing cases
+  c.data.phantom_sites = 3  # phantoms (data.dir empty): acquisition sites
+  c.data.cache_dir = ''  # phantom cache root; '' = $ADPFL_CACHE_DIR or ~/.cache/adpfl_jax/phantoms
   c.model.name = model
   c.model.features = 8
   c.model.depth = 3

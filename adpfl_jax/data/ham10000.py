@@ -1,4 +1,4 @@
-"""HAM10000 and ISIC 2018 Task 1 skin-lesion segmentation: reader, federation, phantoms.
+"""HAM10000 and ISIC 2018 Task 1 skin-lesion segmentation reader: scan a release, decode a pair.
 
 Supported on-disk layouts (docs/datasets.md §1.1 and §1.5), detected automatically:
 
@@ -18,38 +18,33 @@ Supported on-disk layouts (docs/datasets.md §1.1 and §1.5), detected automatic
 Images are RGB JPEGs; masks are 8-bit PNGs with lesion = 255. Masks are decoded
 as greyscale and thresholded at > 127 (docs/datasets.md §1.4). `load_example` returns
 the image as float32 in [0, 1] (uint8 / 255; docs/datasets.md §1.4 gives no other
-intensity recipe for dermoscopy, so per-channel standardisation, if wanted, is
-left to the model input pipeline) and the mask as uint8 in {0, 1}.
+intensity recipe for dermoscopy; the pipeline then normalises it with the fixed public
+`phantom_skin.PIXEL_MEAN` / `PIXEL_STD`) and the mask as uint8 in {0, 1}.
 
-Natural clients are the metadata's `dataset` column (acquisition source,
-docs/datasets.md §1.3). When it is absent (Kaggle copy, ISIC 2018) `load_federation`
-falls back to a synthetic partition and says so in the summary.
+`scan` lists the image/mask pairs with their metadata (`Record`: image and lesion id, the
+metadata's `dataset` column as `site` — the acquisition source, docs/datasets.md §1.3 — and the
+diagnosis); `load_example` decodes one pair. Federation (subsampling, partition, splits) is the
+pipeline's job (`federated.py`); phantoms in this layout are written by `phantoms_ham10000.py`.
 
 Typical use:
 
-  >>> fed = load_federation('/data/ham10000', image_size=(128, 128))  # doctest: +SKIP
-  >>> print(partition.format_summary(fed['partition_summary']))  # doctest: +SKIP
+  >>> records = scan('/data/ham10000')  # doctest: +SKIP
+  >>> image, mask = load_example(records[0], (128, 128))  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import csv
 import dataclasses
 import io
 import logging
-import math
 import os
 import pathlib
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 from PIL import Image
-from PIL import ImageDraw
-
-from adpfl_jax.data import partition as partition_lib
 
 PathLike = str | os.PathLike
 
@@ -61,31 +56,12 @@ METADATA_NAMES = ('HAM10000_metadata.csv', 'HAM10000_metadata.tab', 'HAM10000_me
 IMAGE_DIR_PATTERN = re.compile(r'^ham10000_images_part_\d+$', re.IGNORECASE)
 MASK_DIR_NAME = 'HAM10000_segmentations_lesion_tschandl'
 ISIC2018_SPLITS = ('Training', 'Validation', 'Test')
+#: The acquisition sources of the `dataset` column (docs/datasets.md §1.3).
+SOURCES = ('vidir_molemax', 'vidir_modern', 'rosendahl', 'vienna_dias')
 
 _IMAGE_RE = re.compile(r'^(ISIC_\d{7})\.jpe?g$', re.IGNORECASE)
 _MASK_RE = re.compile(r'^(ISIC_\d{7})_segmentation\.png$', re.IGNORECASE)
 _MISSING = ('', 'na', 'nan', 'none', 'null')
-
-# Real per-source class mix (docs/datasets.md §1.3), used to draw phantom `dx`.
-_DX_NAMES = ('nv', 'mel', 'bkl', 'bcc', 'akiec', 'vasc', 'df')
-_SITE_DX_COUNTS = {
-    'vidir_molemax': (3720, 24, 124, 2, 0, 54, 30),
-    'vidir_modern': (1832, 680, 475, 211, 32, 82, 51),
-    'rosendahl': (803, 342, 490, 296, 295, 3, 30),
-    'vienna_dias': (350, 67, 10, 5, 0, 3, 4),
-}
-_SITE_IMAGES = {'vidir_molemax': 3954, 'vidir_modern': 3363, 'rosendahl': 2259,
-                'vienna_dias': 439}
-_ALL_DX_COUNTS = (6705, 1113, 1099, 514, 327, 142, 115)
-# Lesions with 1..6 images (docs/datasets.md §1.2).
-_IMAGES_PER_LESION = (5514, 1423, 490, 34, 5, 4)
-_DX_TYPES = (('histo', 5340), ('follow_up', 3704), ('consensus', 902), ('confocal', 69))
-_SEXES = (('male', 5406), ('female', 4552), ('unknown', 57))
-_LOCALIZATIONS = (
-    ('back', 2192), ('lower extremity', 2077), ('trunk', 1404), ('upper extremity', 1118),
-    ('abdomen', 1022), ('face', 745), ('chest', 407), ('foot', 319), ('unknown', 234),
-    ('neck', 168), ('scalp', 128), ('hand', 90), ('ear', 56), ('genital', 48), ('acral', 7),
-)
 
 
 class DataError(ValueError):
@@ -438,422 +414,9 @@ def load_example(
   See `load_example_uint8` for resizing and errors; the image is uint8 / 255.
   """
   img, mask = load_example_uint8(record, image_size)
-  return img.astype(np.float32) / np.float32(255.0), mask
+  return to_float(img), mask
 
 
-def load_arrays(
-    records: Sequence[Record],
-    image_size: int | Sequence[int] | None,
-    num_workers: int = 0,
-) -> tuple[np.ndarray, np.ndarray]:
-  """Stacks `load_example` over records: x (N, H, W, 3) float32, y (N, H, W) uint8."""
-  hw = _size_hw(image_size)
-  if not records:
-    shape = hw or (0, 0)
-    return np.zeros((0, *shape, 3), np.float32), np.zeros((0, *shape), np.uint8)
-  if num_workers > 0:
-    with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-      pairs = list(pool.map(lambda r: load_example(r, hw), records))
-  else:
-    pairs = [load_example(r, hw) for r in records]
-  shapes = {p[0].shape for p in pairs}
-  if len(shapes) > 1:
-    raise DataError(
-        f'Images have different sizes {sorted(shapes)[:4]}: pass image_size=(height, width).'
-    )
-  return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
-
-
-# ---------------------------------------------------------------------------
-# Federation.
-# ---------------------------------------------------------------------------
-
-
-def _subsample(records: list[Record], max_examples: int, seed: int) -> list[Record]:
-  """Random subset of whole lesions with at most `max_examples` images."""
-  groups = np.array([r.lesion_id for r in records])
-  uniq = np.unique(groups)
-  order = np.random.default_rng([seed, 7]).permutation(len(uniq))
-  by_group: dict[str, list[int]] = {}
-  for i, g in enumerate(groups):
-    by_group.setdefault(str(g), []).append(i)
-  keep: list[int] = []
-  for u in order:
-    members = by_group[str(uniq[u])]
-    if len(keep) + len(members) <= max_examples:
-      keep.extend(members)
-    if len(keep) == max_examples:
-      break
-  return [records[i] for i in sorted(keep)]
-
-
-def load_federation(
-    data_dir: PathLike,
-    image_size: int | Sequence[int] | None,
-    partition: str = 'natural',
-    num_clients: int | None = None,
-    alpha: float = 0.5,
-    test_fraction: float = 0.2,
-    seed: int = 0,
-    max_examples: int | None = None,
-    *,
-    min_size: int = 1,
-    natural_fallback: str | None = 'dirichlet',
-    num_workers: int = 0,
-    strict: bool = True,
-) -> dict[str, Any]:
-  """Loads a HAM10000 / ISIC 2018 folder as per-client train and test arrays.
-
-  Partitioning is done on whole lesions (`lesion_id`), and each client's
-  train/test split is grouped by lesion as well, so no lesion appears in two
-  clients or on both sides of a split.
-
-  Args:
-    data_dir: the release root.
-    image_size: (height, width) or int; None keeps the native size (all images
-      must then have the same size).
-    partition: 'natural' (metadata `dataset` column; lesions found at several
-      sources go to the source with most of their images), 'iid' or 'dirichlet'
-      (Dirichlet(alpha) over `dx`; quantity skew when there is no `dx`).
-    num_clients: number of clients for 'iid' / 'dirichlet' (default 4, the
-      number of HAM10000 sources); for 'natural' it must be None or equal the
-      number of sites.
-    alpha: Dirichlet concentration.
-    test_fraction: fraction of each client's images in its test split.
-    seed: seed of every random choice (subsampling, partition, splits).
-    max_examples: if set, keep a random subset of whole lesions with at most
-      this many images (for smoke runs).
-    min_size: minimum images per client for 'dirichlet'.
-    natural_fallback: partition to use when 'natural' is requested but there are
-      no sites ('dirichlet' or 'iid'); None raises instead.
-    num_workers: threads for JPEG/PNG decoding (0: sequential).
-    strict: see `scan`.
-
-  Returns:
-    `{'clients': [{'name', 'train': (x, y), 'test': (x, y), 'train_ids',
-    'test_ids'}], 'partition_summary': dict}` with x float32 (N, H, W, 3) in
-    [0, 1] and y uint8 (N, H, W) in {0, 1}.
-  """
-  root = pathlib.Path(data_dir)
-  records = scan(root, strict=strict)
-  if max_examples is not None:
-    records = _subsample(records, int(max_examples), seed)
-    if not records:
-      raise DataError(f'max_examples={max_examples} keeps no whole lesion from {root}.')
-  lesions = np.array([r.lesion_id for r in records])
-  has_dx = all(r.dx is not None for r in records)
-  labels = np.array([r.dx if has_dx else '' for r in records])
-  meta: dict[str, Any] = {'data_dir': str(root), 'layout': records[0].layout,
-                          'partition': partition, 'seed': seed}
-
-  method = partition
-  no_site = sum(r.site is None for r in records)
-  if partition == 'natural' and no_site:
-    if records[0].layout == 'isic2018':
-      reason = 'the ISIC 2018 layout has no site metadata'
-    elif no_site == len(records):
-      reason = 'the metadata has no "dataset" column (or it is empty)'
-    else:
-      reason = f'{no_site} image(s) have an empty "dataset" value'
-    if natural_fallback is None:
-      raise DataError(f'Natural partition unavailable for {root}: {reason}.')
-    method = natural_fallback
-    meta['partition'] = f'{natural_fallback} (fallback: {reason})'
-    logging.warning('Natural partition unavailable for %s: %s; using %s.', root, reason,
-                    natural_fallback)
-
-  if method == 'natural':
-    parts = partition_lib.natural([r.site for r in records], groups=lesions)
-    if num_clients is not None and num_clients != len(parts):
-      raise ValueError(
-          f'partition="natural" gives {len(parts)} clients {list(parts)}, but num_clients='
-          f'{num_clients} was requested; pass num_clients=None or use iid/dirichlet.'
-      )
-    names, indices = list(parts), list(parts.values())
-  elif method in ('iid', 'dirichlet'):
-    k = 4 if num_clients is None else int(num_clients)
-    if method == 'iid':
-      indices = partition_lib.iid(len(records), k, seed, groups=lesions)
-    else:
-      skew = 'label' if has_dx else 'quantity'
-      meta.update(alpha=alpha, skew=skew)
-      indices = partition_lib.dirichlet(labels, k, alpha, seed, min_size, groups=lesions,
-                                        skew=skew)
-    names = [f'client_{i}' for i in range(k)]
-  else:
-    raise ValueError(
-        f"Unknown partition {partition!r}: expected 'natural', 'iid' or 'dirichlet'."
-    )
-
-  meta['test_fraction'] = test_fraction
-  clients, train_all, test_all = [], [], []
-  for c, (name, idx) in enumerate(zip(names, indices)):
-    tr, te = partition_lib.grouped_train_test_split(lesions[idx], test_fraction, [seed, c])
-    tr, te = idx[tr], idx[te]
-    train_all.append(tr)
-    test_all.append(te)
-    clients.append({
-        'name': name,
-        'train': load_arrays([records[i] for i in tr], image_size, num_workers),
-        'test': load_arrays([records[i] for i in te], image_size, num_workers),
-        'train_ids': [records[i].image_id for i in tr],
-        'test_ids': [records[i].image_id for i in te],
-    })
-  summary = partition_lib.partition_summary(
-      names, train_all, test_all, labels=labels if has_dx else None, groups=lesions, meta=meta
-  )
-  return {'clients': clients, 'partition_summary': summary}
-
-
-# ---------------------------------------------------------------------------
-# Phantoms.
-# ---------------------------------------------------------------------------
-
-
-def _smooth_noise(rng: np.random.Generator, hw: tuple[int, int], cells: int) -> np.ndarray:
-  """Smooth noise in [0, 1] of shape hw (bilinear upsampling of a coarse grid)."""
-  coarse = rng.random((cells, max(2, round(cells * hw[1] / hw[0]))), dtype=np.float32)
-  img = Image.fromarray(coarse).resize((hw[1], hw[0]), Image.Resampling.BILINEAR)
-  return np.asarray(img, dtype=np.float32)
-
-
-def _site_style(name: str, index: int, seed: int) -> dict[str, Any]:
-  """Per-source acquisition style: colour cast, brightness, vignetting."""
-  rng = np.random.default_rng([seed, index, 11])
-  return {
-      'cast': rng.uniform(-18, 18, size=3).astype(np.float32),
-      'gain': float(rng.uniform(0.8, 1.1)),
-      'vignette': float(rng.uniform(0.15, 0.5)),
-      'hair_rate': float(rng.uniform(0.5, 3.0)),
-      'name': name,
-  }
-
-
-def _lesion_shape(rng: np.random.Generator) -> dict[str, Any]:
-  k = int(rng.integers(3, 7))
-  return {
-      'radius': float(rng.uniform(0.18, 0.33)),
-      'amp': rng.uniform(0.02, 0.16, size=k) / np.arange(1, k + 1) ** 0.5,
-      'phase': rng.uniform(0, 2 * np.pi, size=k),
-      'ecc': float(rng.uniform(0.75, 1.0)),
-      'pigment': (np.array([135, 80, 55]) * rng.uniform(0.7, 1.1)
-                  + rng.uniform(-8, 8, size=3)).astype(np.float32),
-      'dark': float(rng.uniform(0.3, 0.7)),
-  }
-
-
-def _render_phantom(
-    rng: np.random.Generator, hw: tuple[int, int], shape: dict[str, Any],
-    style: dict[str, Any], dx: str,
-) -> tuple[np.ndarray, np.ndarray]:
-  """Renders one dermoscopy-like RGB uint8 image and its {0, 255} mask."""
-  h, w = hw
-  yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-  scale = float(min(h, w))
-  cy = h / 2 + rng.normal(0, 0.06) * h
-  cx = w / 2 + rng.normal(0, 0.06) * w
-  rot = rng.uniform(0, 2 * np.pi)
-  dy, dx_ = (yy - cy) / scale, (xx - cx) / scale
-  theta = np.arctan2(dy, dx_) - rot
-  dist = np.hypot(dy, dx_ * shape['ecc'])
-  k = np.arange(1, len(shape['amp']) + 1)[:, None, None]
-  wobble = np.sum(shape['amp'][:, None, None] * np.cos(k * theta + shape['phase'][:, None, None]),
-                  axis=0)
-  radius = shape['radius'] * rng.uniform(0.9, 1.1) * (1.0 + wobble)
-  mask = dist < radius
-  border = max(0.01, 0.08 * shape['radius'])
-  alpha = 1.0 / (1.0 + np.exp(-(radius - dist) / (0.35 * border)))  # fuzzy border
-
-  # Skin: beige with low-frequency texture, site colour cast and radial vignetting.
-  skin = np.array([220, 180, 150], np.float32) + style['cast']
-  tex = _smooth_noise(rng, hw, 6)[..., None]
-  img = skin * (0.92 + 0.12 * tex)
-  r_img = np.hypot((yy - h / 2) / (h / 2), (xx - w / 2) / (w / 2)) / math.sqrt(2)
-  img = img * (1.0 - style['vignette'] * r_img[..., None] ** 2)
-
-  # Lesion: pigment with internal texture, darker towards the centre.
-  depth = np.clip(1.0 - dist / np.maximum(radius, 1e-3), 0.0, 1.0)[..., None]
-  texture = _smooth_noise(rng, hw, 12)[..., None]
-  spots = _smooth_noise(rng, hw, 24)[..., None]
-  dark = shape['dark'] + (0.2 if dx == 'mel' else 0.0)
-  pigment = shape['pigment'] * (1.0 - dark * depth) * (0.75 + 0.5 * texture)
-  pigment = pigment * (1.0 - 0.45 * np.clip((spots - 0.62) / 0.2, 0.0, 1.0))  # dots/globules
-  if dx == 'vasc':
-    pigment = pigment * np.array([1.3, 0.6, 0.7], np.float32)
-  img = img * (1.0 - alpha[..., None]) + pigment * alpha[..., None]
-  img = np.clip(img * style['gain'], 0, 255).astype(np.uint8)
-
-  # Artefacts: dark hair curves and, sometimes, ruler ticks (not part of the mask).
-  pil = Image.fromarray(img)
-  draw = ImageDraw.Draw(pil)
-  for _ in range(int(rng.poisson(style['hair_rate']))):
-    p0, p1, p2 = (rng.uniform([0, 0], [w, h]) for _ in range(3))
-    t = np.linspace(0, 1, 24)[:, None]
-    pts = (1 - t) ** 2 * p0 + 2 * (1 - t) * t * p1 + t ** 2 * p2
-    grey = rng.uniform(15, 55)
-    colour = (int(grey * 1.2), int(grey), int(grey * 0.85))
-    draw.line([tuple(p) for p in pts], fill=colour, width=max(1, round(scale / 150)))
-  if rng.random() < 0.2:
-    y0 = h - max(3, h // 20)
-    for x in range(max(2, w // 10), w - max(2, w // 10), max(3, w // 40)):
-      draw.line([(x, y0), (x, h - 2)], fill=(40, 40, 40), width=1)
-  return np.asarray(pil), mask.astype(np.uint8) * 255
-
-
-def _weighted(rng: np.random.Generator, items: Sequence[tuple[str, int]]) -> str:
-  p = np.array([c for _, c in items], np.float64)
-  return items[int(rng.choice(len(items), p=p / p.sum()))][0]
-
-
-def write_phantoms(
-    out_dir: PathLike,
-    cases: int,
-    sites: int | Sequence[str] = 3,
-    seed: int = 0,
-    image_size: tuple[int, int] = (96, 128),
-    layout: str = 'ham10000',
-    nested_masks: bool = False,
-    metadata_ext: str = '.csv',
-    with_dataset_column: bool = True,
-) -> pathlib.Path:
-  """Writes HAM10000-like dermoscopy phantoms in the real on-disk layout (docs/datasets.md §6.2).
-
-  HAM10000 layout: `cases` JPEGs split over HAM10000_images_part_1/ and _2/
-  (consecutive image ids from ISIC_0024306, the first half in part 1), PNG masks
-  (mode L, {0, 255}) in HAM10000_segmentations_lesion_tschandl/ (nested twice if
-  `nested_masks`), and HAM10000_metadata{metadata_ext} with the real header.
-  Lesions have 1 to 6 images drawn with the real frequencies (the first lesion
-  has 2 images when cases >= 2); `dx` follows each source's real class mix; at
-  least one row has an empty age and one has sex 'unknown' (when cases >= 3).
-
-  ISIC 2018 layout: ISIC2018_Task1-2_{Training,Validation}_Input/ and
-  ISIC2018_Task1_{Training,Validation}_GroundTruth/ (a fifth of the cases, when
-  >= 5, go to Validation), image sizes varying around `image_size`, and
-  LICENSE.txt / ATTRIBUTION.txt files among the inputs.
-
-  Args:
-    out_dir: created if needed.
-    cases: number of images.
-    sites: number of acquisition sources (named like the real ones first), or names.
-    seed: seed of everything drawn.
-    image_size: (height, width); the real HAM10000 size is (450, 600).
-    layout: 'ham10000' or 'isic2018'.
-    nested_masks: write masks under the doubly nested mask folder.
-    metadata_ext: '.csv' (comma), '.tab' (tab-separated, Dataverse-style quoted
-      strings) or '' (comma, FLamby's extension-less copy).
-    with_dataset_column: False writes the 7-column Kaggle header.
-
-  Returns:
-    `out_dir` as a Path.
-  """
-  if layout not in ('ham10000', 'isic2018'):
-    raise ValueError(f"layout must be 'ham10000' or 'isic2018', got {layout!r}.")
-  if metadata_ext not in ('.csv', '.tab', ''):
-    raise ValueError(f"metadata_ext must be '.csv', '.tab' or '', got {metadata_ext!r}.")
-  if cases < 1:
-    raise ValueError(f'cases must be >= 1, got {cases}.')
-  out = pathlib.Path(out_dir)
-  out.mkdir(parents=True, exist_ok=True)
-  hw = (int(image_size[0]), int(image_size[1]))
-  rng = np.random.default_rng(seed)
-
-  if isinstance(sites, int):
-    real = list(_SITE_IMAGES)
-    site_names = real[:sites] + [f'site_{i}' for i in range(len(real), sites)]
-  else:
-    site_names = [str(s) for s in sites]
-  if not site_names:
-    raise ValueError('sites must name at least one source.')
-  styles = {n: _site_style(n, i, seed) for i, n in enumerate(site_names)}
-
-  if layout == 'isic2018':
-    _write_isic2018(out, cases, hw, rng, styles[site_names[0]])
-    return out
-
-  # Lesions: sizes from the real images-per-lesion histogram.
-  sizes: list[int] = []
-  p_size = np.array(_IMAGES_PER_LESION, np.float64) / sum(_IMAGES_PER_LESION)
-  while sum(sizes) < cases:
-    s = 2 if not sizes and cases >= 2 else int(rng.choice(6, p=p_size)) + 1
-    sizes.append(min(s, cases - sum(sizes)))
-  weights = np.array([_SITE_IMAGES.get(n, 2000) for n in site_names], np.float64)
-  lesion_site = [site_names[i % len(site_names)] if i < len(site_names)
-                 else site_names[int(rng.choice(len(site_names), p=weights / weights.sum()))]
-                 for i in range(len(sizes))]
-  lesion_ids = rng.choice(np.arange(1, 10**7), size=len(sizes), replace=False)
-  image_numbers = 24306 + rng.permutation(cases)
-
-  part_dirs = [out / 'HAM10000_images_part_1', out / 'HAM10000_images_part_2']
-  mask_dir = out / MASK_DIR_NAME
-  if nested_masks:
-    mask_dir = mask_dir / MASK_DIR_NAME
-  for d in part_dirs + [mask_dir]:
-    d.mkdir(parents=True, exist_ok=True)
-  half = math.ceil(cases / 2)
-  rows = []
-  n = 0
-  for lesion, (size, site) in enumerate(zip(sizes, lesion_site)):
-    dx_counts = np.array(_SITE_DX_COUNTS.get(site, _ALL_DX_COUNTS), np.float64)
-    dx = _DX_NAMES[int(rng.choice(len(_DX_NAMES), p=dx_counts / dx_counts.sum()))]
-    shape = _lesion_shape(rng)
-    # Fixture checklist (docs/datasets.md §6.1): one empty age, one sex 'unknown'.
-    age = '' if lesion == min(1, len(sizes) - 1) else f'{5.0 * int(rng.integers(0, 18)):.1f}'
-    sex = 'unknown' if lesion == len(sizes) - 1 else _weighted(rng, _SEXES[:2])
-    localization = _weighted(rng, _LOCALIZATIONS)
-    dx_type = _weighted(rng, _DX_TYPES)
-    for _ in range(size):
-      number = int(image_numbers[n])
-      image_id = f'ISIC_{number:07d}'
-      img, mask = _render_phantom(rng, hw, shape, styles[site], dx)
-      part = part_dirs[0] if number < 24306 + half else part_dirs[1]
-      Image.fromarray(img).save(part / f'{image_id}.jpg', quality=90)
-      Image.fromarray(mask).save(mask_dir / f'{image_id}_segmentation.png')
-      row = [f'HAM_{int(lesion_ids[lesion]):07d}', image_id, dx, dx_type, age, sex,
-             localization]
-      rows.append(row + [site] if with_dataset_column else row)
-      n += 1
-  header = list(METADATA_COLUMNS if with_dataset_column else METADATA_COLUMNS[:7])
-  _write_metadata(out / f'HAM10000_metadata{metadata_ext}', header, rows, metadata_ext)
-  return out
-
-
-def _write_metadata(path: pathlib.Path, header: list[str], rows: list[list[str]],
-                    ext: str) -> None:
-  with path.open('w', newline='', encoding='utf-8') as f:
-    if ext == '.tab':
-      # Dataverse-ingested tabular files: tab separated, string values quoted.
-      f.write('\t'.join(header) + '\n')
-      for row in rows:
-        cells = [v if (i == 4 or not v) else f'"{v}"' for i, v in enumerate(row)]
-        f.write('\t'.join(cells) + '\n')
-    else:
-      writer = csv.writer(f, lineterminator='\n')
-      writer.writerow(header)
-      writer.writerows(rows)
-
-
-def _write_isic2018(out: pathlib.Path, cases: int, hw: tuple[int, int],
-                    rng: np.random.Generator, style: dict[str, Any]) -> None:
-  num_val = cases // 5 if cases >= 5 else 0
-  numbers = np.sort(rng.choice(np.arange(0, 16100), size=cases, replace=False))
-  val_set = set(rng.choice(cases, size=num_val, replace=False).tolist())
-  for split in ('Training', 'Validation') if num_val else ('Training',):
-    in_dir = out / f'ISIC2018_Task1-2_{split}_Input'
-    gt_dir = out / f'ISIC2018_Task1_{split}_GroundTruth'
-    in_dir.mkdir(parents=True, exist_ok=True)
-    gt_dir.mkdir(parents=True, exist_ok=True)
-    for name in ('LICENSE.txt', 'ATTRIBUTION.txt'):
-      (in_dir / name).write_text('Phantom data written by adpfl_jax; not real ISIC images.\n')
-      (gt_dir / name).write_text('Phantom data written by adpfl_jax; not real ISIC images.\n')
-  for i, number in enumerate(numbers):
-    split = 'Validation' if i in val_set else 'Training'
-    f = rng.uniform(0.75, 1.3)  # ISIC 2018 image sizes vary widely.
-    h = max(8, round(hw[0] * f))
-    w = max(8, round(hw[1] * f * rng.uniform(0.9, 1.15)))
-    img, mask = _render_phantom(rng, (h, w), _lesion_shape(rng), style,
-                                _DX_NAMES[int(rng.integers(0, 7))])
-    image_id = f'ISIC_{int(number):07d}'
-    Image.fromarray(img).save(
-        out / f'ISIC2018_Task1-2_{split}_Input' / f'{image_id}.jpg', quality=90)
-    Image.fromarray(mask).save(
-        out / f'ISIC2018_Task1_{split}_GroundTruth' / f'{image_id}_segmentation.png')
+def to_float(image: np.ndarray) -> np.ndarray:
+  """uint8 RGB -> float32 in [0, 1] (uint8 / 255), as `load_example` returns it."""
+  return image.astype(np.float32) / np.float32(255.0)

@@ -10,7 +10,9 @@ Layout::
 
 Natural clients (sites) come from a user-supplied CSV with columns `case,site_id`
 (FLamby's `anony_sites.csv` format, cases 0-299) and/or case-number ranges
-(e.g. `PHASE_SITE_RANGES`: arterial 0-499 vs nephrogenic 500-588).
+(e.g. `PHASE_SITE_RANGES`: arterial 0-499 vs nephrogenic 500-588); `site_source`
+is the rule the pipeline and `tfds_3d.prepare` share: the given CSV, else
+`<data_dir>/anony_sites.csv` if present, else the contrast phase.
 
 Host-side NumPy code.
 """
@@ -41,6 +43,8 @@ TRAINING_CASE_NUMBERS = tuple(range(0, 300)) + tuple(range(400, 589))
 TESTING_CASE_NUMBERS = tuple(range(589, 699))
 #: Contrast-phase split by case number [neheller/kits23 issue #19], inclusive ranges.
 PHASE_SITE_RANGES = ((0, 499, 'arterial'), (500, 588, 'nephrogenic'))
+#: File name of the `case,site_id` table (FLamby's) looked for in the data folder.
+SITE_CSV = 'anony_sites.csv'
 
 _CASE_RE = re.compile(r'^case_(\d{5})$')
 
@@ -77,6 +81,14 @@ class Kits23Case:
 def case_id(number: int) -> str:
   """Folder name of a case number: 7 -> 'case_00007'."""
   return f'case_{int(number):05d}'
+
+
+def case_number(name: str) -> int:
+  """Case number of a folder name: 'case_00007' -> 7."""
+  m = _CASE_RE.match(name)
+  if m is None:
+    raise Kits23Error(f'{name!r} is not a KiTS23 case name (case_XXXXX).')
+  return int(m.group(1))
 
 
 def find_dataset_dir(data_dir: PathLike) -> pathlib.Path:
@@ -161,6 +173,26 @@ def site_of(
     if lo <= number <= hi:
       return str(name)
   return default_site
+
+
+def site_source(
+    data_dir: PathLike, site_csv: PathLike | None = None
+) -> tuple[str | None, tuple[tuple[int, int, str], ...] | None, str]:
+  """Where the natural sites of the cases under `data_dir` come from.
+
+  Args:
+    data_dir: the KiTS23 folder.
+    site_csv: a `case,site_id` CSV; None or '' looks for `<data_dir>/anony_sites.csv`.
+
+  Returns:
+    `(site_csv, site_ranges, description)` for `scan`: the CSV (cases it does not list get
+    the default site), or else `PHASE_SITE_RANGES` (the contrast phase by case number).
+  """
+  if not site_csv and (pathlib.Path(data_dir) / SITE_CSV).is_file():
+    site_csv = pathlib.Path(data_dir) / SITE_CSV
+  if site_csv:
+    return str(site_csv), None, f'case,site_id table {site_csv}'
+  return None, PHASE_SITE_RANGES, 'contrast phase by case number (no case,site_id CSV)'
 
 
 def scan(

@@ -7,7 +7,9 @@ its inputs.
 
 Grouping: medical data sets hold several examples per patient or lesion (e.g.
 HAM10000 `lesion_id`). Pass `groups` to make a whole group the unit that is
-assigned to a client or to a split, so no group is ever on two sides.
+assigned to a client or to a split, so no group is ever on two sides;
+`subsample_groups` keeps whole groups and `one_per_group` keeps one example of
+each (the privacy unit, docs/datasets.md §1.2, §3.1).
 
 Example:
 
@@ -26,6 +28,9 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+#: Partition methods (`config.data.partition`).
+PARTITIONS = ('natural', 'iid', 'dirichlet')
 
 _MAX_DIRICHLET_TRIES = 1000
 
@@ -262,6 +267,53 @@ def grouped_train_test_split(
     return np.sort(np.concatenate([units[u] for u in sel]))
 
   return gather(train_units), gather(test_units)
+
+
+def subsample_groups(groups: Sequence[Hashable] | np.ndarray, max_items: int,
+                     seed: int) -> np.ndarray:
+  """A seeded random subset of whole groups holding at most `max_items` examples.
+
+  Groups are visited in a random order (`default_rng([seed, 7])` over the sorted
+  group ids); a group is kept when it still fits, until exactly `max_items`
+  examples are kept or every group was visited.
+
+  Returns:
+    The kept example indices, sorted.
+  """
+  g = _as_1d(groups, 'groups').tolist()
+  uniq = sorted(set(g))
+  order = np.random.default_rng([seed, 7]).permutation(len(uniq))
+  members: dict[Hashable, list[int]] = {}
+  for i, group in enumerate(g):
+    members.setdefault(group, []).append(i)
+  keep: list[int] = []
+  for u in order:
+    m = members[uniq[u]]
+    if len(keep) + len(m) <= max_items:
+      keep.extend(m)
+    if len(keep) == max_items:
+      break
+  return np.array(sorted(keep), np.int64)
+
+
+def one_per_group(indices: np.ndarray, groups: Sequence[Hashable] | np.ndarray,
+                  keys: Sequence[Any]) -> np.ndarray:
+  """Of each group among `indices`, the example with the smallest key (the first on ties).
+
+  Args:
+    indices: example indices.
+    groups: group id of every example (indexed by `indices`).
+    keys: sort key of every example, e.g. the BraTS time point or the HAM10000 image_id.
+
+  Returns:
+    The kept indices, sorted.
+  """
+  best: dict[Hashable, int] = {}
+  for i in np.asarray(indices, np.int64).tolist():
+    g = groups[i]
+    if g not in best or keys[i] < keys[best[g]]:
+      best[g] = i
+  return np.array(sorted(best.values()), np.int64)
 
 
 def _counts(values: np.ndarray | None, idx: np.ndarray) -> dict[str, int]:

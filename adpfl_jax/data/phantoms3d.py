@@ -39,7 +39,6 @@ from adpfl_jax.data import nifti
 
 PathLike = str | os.PathLike
 
-KITS_SITE_CSV = 'anony_sites.csv'
 BRATS_METADATA_COLUMNS = (
     'BraTS Subject ID', 'Site', 'Site Subject ID', 'Annotator 1', 'Approver 1',
     'Train/Test/Validation ', 'Magnetic Field Strength', 'Manufacturer', "Patient's Age",
@@ -242,7 +241,7 @@ def write_kits23_phantoms(
     })
   if with_metadata:
     (dataset / 'kits23.json').write_text(json.dumps(meta, indent=2))
-  with open(out / KITS_SITE_CSV, 'w', newline='') as f:
+  with open(out / kits23.SITE_CSV, 'w', newline='') as f:
     w = csv.writer(f)
     w.writerow(['case', 'site_id'])
     for cid, site in site_of.items():

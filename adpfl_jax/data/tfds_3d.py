@@ -5,9 +5,19 @@
 and writes `array_record` splits; `load(path)` reads them back with
 `as_data_source()` (random access, no TensorFlow):
 
-  path = prepare('kits23_seg', '/data/kits23', '/data/prepared', shape=(64, 128, 128))
+  path = prepare('kits23_seg', '/data/kits23', '/data/prepared', shape=(32, 64, 64),
+                 target_spacing=(5.0, 3.2, 3.2))
   train = load(path)['train']
-  example = train[0]  # {'image': (64, 128, 128, 1) float32, 'label': ..., 'site': b'...', ...}
+  example = train[0]  # {'image': (32, 64, 64, 1) float32, 'label': ..., 'site': b'...', ...}
+
+Training reads the prepared folder directly (`--config.data.dir=/data/prepared`,
+docs/datasets.md §8.2): `find` locates the dataset, and `records` lists its cases from
+`metadata.json` (`config` plus, per split, each example's `case_id`, `patient_id`,
+`site` and, for BraTS, `timepoint` and `release`, in the order of the examples), so the
+pipeline partitions and splits without reading a single volume and then reads only
+the examples it keeps. The preprocessing is the pipeline's own
+(`preprocess3d.preprocess_ct_case` / `preprocess_mri_case` at the configured `shape`
+and `target_spacing`), so the arrays equal those decoded from the raw release.
 
 Why `tfds.core.ShardBasedBuilder` rather than `GeneratorBasedBuilder` (checked
 with tensorflow-datasets 4.9.10, no TensorFlow installed):
@@ -51,6 +61,7 @@ import tqdm
 
 from adpfl_jax.data import brats
 from adpfl_jax.data import kits23
+from adpfl_jax.data import partition
 from adpfl_jax.data import preprocess3d
 
 PathLike = str | os.PathLike
@@ -67,20 +78,21 @@ class Kits23Config:
 
   Attributes:
     shape: fixed (z, y, x) output shape, cropped/padded around the kidneys.
-    target_spacing: resampling target in mm (docs/datasets.md §2.6 CPU recipe).
+    target_spacing: resampling target in mm (docs/datasets.md §2.6).
     hu_window: HU clip window.
     ct_mean: z-score mean (HU).
     ct_std: z-score std (HU).
-    site_csv: optional `case,site_id` CSV for natural clients.
-    site_ranges: optional inclusive `(first, last, site)` case-number ranges.
+    site_csv: `case,site_id` CSV for natural clients; with `site_ranges` also None,
+      `kits23.site_source` decides (`<data_dir>/anony_sites.csv`, else the phase).
+    site_ranges: inclusive `(first, last, site)` case-number ranges.
     test_fraction: fraction of patients in the `test` split (0: train only).
     split_seed: seed of the patient-grouped split.
     cases_per_shard: cases per `array_record` shard (bounds peak memory).
     max_cases: keep only the first `max_cases` cases (None: all).
   """
 
-  shape: tuple[int, int, int] = (64, 128, 128)
-  target_spacing: tuple[float, float, float] = (3.0, 1.6, 1.6)
+  shape: tuple[int, int, int]
+  target_spacing: tuple[float, float, float]
   hu_window: tuple[float, float] = preprocess3d.KITS19_HU_WINDOW
   ct_mean: float = preprocess3d.KITS19_MEAN
   ct_std: float = preprocess3d.KITS19_STD
@@ -98,7 +110,7 @@ class BratsConfig:
 
   Attributes:
     shape: fixed (z, y, x) output shape, cropped/padded around the brain box.
-    target_spacing: resampling target in mm ((2, 2, 2): the 2x CPU recipe).
+    target_spacing: resampling target in mm.
     releases: release folders to use (None: all labelled ones found).
     metadata_path: metadata sheet (None: auto-detect in the data dir).
     site_column: metadata column defining the natural clients.
@@ -109,8 +121,8 @@ class BratsConfig:
     max_cases: keep only the first `max_cases` cases (None: all).
   """
 
-  shape: tuple[int, int, int] = (80, 96, 80)
-  target_spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)
+  shape: tuple[int, int, int]
+  target_spacing: tuple[float, float, float]
   releases: tuple[str, ...] | None = None
   metadata_path: str | None = None
   site_column: str = 'Site'
@@ -145,13 +157,18 @@ def make_config(task: str, **cfg: Any) -> Kits23Config | BratsConfig:
 
   Raises:
     ValueError: unknown task, or invalid value (names the key).
-    TypeError: unknown option (names it and lists the valid ones).
+    TypeError: unknown or missing option (names it).
   """
   config_cls = _task(task)[1]
   names = {f.name for f in dataclasses.fields(config_cls)}
   unknown = sorted(set(cfg) - names)
   if unknown:
     raise TypeError(f'Unknown {task} option(s) {unknown}; valid options: {sorted(names)}.')
+  missing = [f.name for f in dataclasses.fields(config_cls)
+             if f.default is dataclasses.MISSING and f.name not in cfg]
+  if missing:
+    raise TypeError(f'{task} needs option(s) {missing} (the config.data volume_shape and '
+                    'target_spacing the training config uses).')
   config = config_cls(**{k: _freeze(v) for k, v in cfg.items()})
   if len(config.shape) != 3 or any(int(s) < 1 for s in config.shape):
     raise ValueError(f'shape must be 3 positive ints, got {config.shape}.')
@@ -165,24 +182,6 @@ def make_config(task: str, **cfg: Any) -> Kits23Config | BratsConfig:
 
 
 # ------------------------------------------------------------------------ splits
-
-
-def _grouped_split(groups: Sequence[str], test_fraction: float,
-                   seed: int) -> tuple[np.ndarray, np.ndarray]:
-  """Patient-grouped train/test indices; uses `partition.py` when available."""
-  try:
-    from adpfl_jax.data import partition  # pylint: disable=g-import-not-at-top
-    return partition.grouped_train_test_split(list(groups), test_fraction, seed)
-  except (ImportError, AttributeError):
-    pass
-  uniq = sorted(set(groups))
-  order = np.random.default_rng(seed).permutation(len(uniq))
-  n_test = int(round(test_fraction * len(uniq)))
-  if 0 < test_fraction and len(uniq) >= 2:
-    n_test = min(max(n_test, 1), len(uniq) - 1)
-  test_groups = {uniq[i] for i in order[:n_test]}
-  is_test = np.array([g in test_groups for g in groups], bool)
-  return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
 def split_cases(cases: Sequence[Any], test_fraction: float, seed: int) -> dict[str, list[Any]]:
@@ -199,7 +198,8 @@ def split_cases(cases: Sequence[Any], test_fraction: float, seed: int) -> dict[s
   """
   if test_fraction <= 0:
     return {'train': list(cases)}
-  train_idx, test_idx = _grouped_split([c.patient_id for c in cases], test_fraction, seed)
+  train_idx, test_idx = partition.grouped_train_test_split([c.patient_id for c in cases],
+                                                           test_fraction, seed)
   return {'train': [cases[i] for i in train_idx], 'test': [cases[i] for i in test_idx]}
 
 
@@ -267,8 +267,12 @@ def make_features(shape: Sequence[int], channels: int,
 class _Seg3dBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
   """Shared logic: scan, split, shard, stream one preprocessed case at a time."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'Case index in metadata.json (training reads prepared folders); KiTS23 sites '
+               'from kits23.site_source by default.',
+  }
 
   def __init__(self, *, prep_config: Any, **kwargs: Any):
     self._prep = prep_config
@@ -279,6 +283,9 @@ class _Seg3dBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
 
   def _example(self, case: Any) -> dict[str, Any]:
     raise NotImplementedError
+
+  def _record(self, case: Any) -> dict[str, str]:
+    return {'case_id': case.case_id, 'patient_id': case.patient_id, 'site': str(case.site)}
 
   def _metadata(self) -> tfds.core.MetadataDict:
     return tfds.core.MetadataDict(
@@ -293,6 +300,11 @@ class _Seg3dBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
     splits = split_cases(cases, self._prep.test_fraction, self._prep.split_seed)
     n = self._prep.cases_per_shard
     out = {}
+    # Written to metadata.json with the rest of the info, after the splits: the examples of a
+    # split are stored in this order (one shard after the other, each in order).
+    self.info.metadata['records'] = {
+        split: [self._record(c) for c in split_cases_] for split, split_cases_ in splits.items()
+        if split_cases_}
     for split, split_cases_ in splits.items():
       if not split_cases_:
         continue
@@ -363,6 +375,9 @@ class Brats2024Seg(_Seg3dBuilder, skip_registration=True):
   def _example(self, case: brats.BratsCase) -> dict[str, Any]:
     return brats_example(case, self._prep)
 
+  def _record(self, case: brats.BratsCase) -> dict[str, str]:
+    return dict(super()._record(case), timepoint=case.timepoint, release=case.release)
+
 
 _TASKS = {'kits23_seg': (Kits23Seg, Kits23Config), 'brats2024_seg': (Brats2024Seg, BratsConfig)}
 
@@ -380,7 +395,10 @@ def scan_cases(task: str, data_dir: PathLike, config: Kits23Config | BratsConfig
   """Lists the cases `task` would prepare from `data_dir` with `config`."""
   _task(task)
   if task == 'kits23_seg':
-    return kits23.scan(data_dir, site_csv=config.site_csv, site_ranges=config.site_ranges)
+    site_csv, site_ranges = config.site_csv, config.site_ranges
+    if site_csv is None and site_ranges is None:
+      site_csv, site_ranges, _ = kits23.site_source(data_dir)
+    return kits23.scan(data_dir, site_csv=site_csv, site_ranges=site_ranges)
   return brats.scan(data_dir, releases=config.releases, metadata_path=config.metadata_path,
                     site_column=config.site_column, partition_csv=config.partition_csv)
 
@@ -389,6 +407,54 @@ def prepared_config(path: PathLike) -> dict[str, Any]:
   """The preparation config stored with a prepared dataset (JSON form)."""
   meta = pathlib.Path(path) / 'metadata.json'
   return json.loads(meta.read_text())['config']
+
+
+def find(task: str, root: PathLike) -> pathlib.Path | None:
+  """The prepared `task` dataset in `root`, or None if `root` holds none.
+
+  `root` may be the `out_dir` given to `prepare` (holding `<task>/<version>/`), the
+  `<task>/` folder or the `<task>/<version>/` folder itself. The current `VERSION` is
+  returned when several versions are present.
+
+  Raises:
+    ValueError: `root` holds `task` only in other versions (prepared by an older release of
+      this code; prepare it again).
+  """
+  builder_cls, _ = _task(task)
+  return _find_version(pathlib.Path(root), builder_cls.name, str(builder_cls.VERSION), task)
+
+
+def _find_version(root: pathlib.Path, name: str, version: str,
+                  what: str) -> pathlib.Path | None:
+  """`root`, `root/<version>` or `root/<name>/<version>` if it is a prepared `name` dataset."""
+  if (root / 'dataset_info.json').is_file():  # A version folder.
+    if root.parent.name != name:
+      return None
+    if root.name == version:
+      return root
+    raise ValueError(f'{root} is {what} version {root.name}, not {version}: prepare it again '
+                     f'with `adpfl data prepare` (writes {root.parent / version}).')
+  for base in (root / name, root):
+    if base.name != name or not base.is_dir():
+      continue
+    if (base / version / 'dataset_info.json').is_file():
+      return base / version
+    found = sorted(p.name for p in base.iterdir() if (p / 'dataset_info.json').is_file())
+    if found:
+      raise ValueError(f'{base} holds {what} version(s) {found}, not {version}: prepare it '
+                       f'again with `adpfl data prepare` (writes {base / version}).')
+  return None
+
+
+def records(path: PathLike) -> list[tuple[str, int, dict[str, str]]]:
+  """`(split, index, record)` of every example of a prepared dataset, from `metadata.json`.
+
+  `record` holds the case's `case_id`, `patient_id`, `site` (and `timepoint`, `release` for
+  BraTS); `load(path)[split][index]` is its example.
+  """
+  meta = json.loads((pathlib.Path(path) / 'metadata.json').read_text())
+  return [(split, i, rec) for split, recs in meta['records'].items()
+          for i, rec in enumerate(recs)]
 
 
 def prepare(

@@ -1,12 +1,18 @@
 """TFDS builder `ham10000_seg`: HAM10000 / ISIC 2018 Task 1 as resized array_record files.
 
 The builder reads a manually downloaded release (any layout `ham10000.scan`
-accepts) and writes one 'train' split holding every image; partitioning into
-clients and train/test happens later, from the `site` and `lesion_id` features.
+accepts) and writes one 'train' split holding every image, resized exactly as the
+pipeline decodes it (`ham10000.load_example_uint8`); partitioning into clients and
+train/test happens later, from the `site` and `lesion_id` features.
 
 It works without TensorFlow: images are PNG-encoded with Pillow before they
 reach TFDS, masks are stored as zlib-compressed uint8 tensors, and the files are
-written as `array_record` and read back with `builder.as_data_source()`.
+written as `array_record` and read back with `builder.as_data_source()`. Like
+`tfds_3d`, the builder is a `ShardBasedBuilder`: examples are streamed shard by
+shard (`IMAGES_PER_SHARD` in memory at most) in `scan` order, and `metadata.json`
+lists each example's `image_id`, `lesion_id`, `site`, `dx` and `layout` in that
+order, so training (`--config.data.dir=<out_dir>`, docs/datasets.md §8.2) finds
+(`find`) and indexes (`records`) the prepared images without decoding them.
 
 Example:
 
@@ -19,13 +25,15 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import io
+import json
 import os
 import pathlib
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 from PIL import Image
@@ -34,6 +42,9 @@ import tensorflow_datasets as tfds
 from adpfl_jax.data import ham10000
 
 PathLike = str | os.PathLike
+
+#: Examples per array_record shard (the shard being written is held in memory).
+IMAGES_PER_SHARD = 256
 
 _MANUAL_DOWNLOAD_INSTRUCTIONS = """\
 Download HAM10000 from Harvard Dataverse (doi:10.7910/DVN/DBW86T): unzip
@@ -85,11 +96,15 @@ def _png(array: np.ndarray) -> bytes:
   return buf.getvalue()
 
 
-class Ham10000Seg(tfds.core.GeneratorBasedBuilder):
+class Ham10000Seg(tfds.core.ShardBasedBuilder):
   """HAM10000 lesion segmentation (Tschandl masks), resized to a fixed size."""
 
-  VERSION = tfds.core.Version('1.0.0')
-  RELEASE_NOTES = {'1.0.0': 'Initial release.'}
+  VERSION = tfds.core.Version('1.1.0')
+  RELEASE_NOTES = {
+      '1.0.0': 'Initial release.',
+      '1.1.0': 'Streamed shard by shard in image_id order; image index in metadata.json '
+               '(training reads prepared folders).',
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_DOWNLOAD_INSTRUCTIONS
   BUILDER_CONFIGS = [
       Ham10000SegConfig(name='128x128', image_size=(128, 128),
@@ -115,6 +130,7 @@ class Ham10000Seg(tfds.core.GeneratorBasedBuilder):
             'dx': tfds.features.Text(),
         }),
         supervised_keys=('image', 'mask'),
+        metadata=tfds.core.MetadataDict(task=self.name, config={'image_size': [h, w]}),
         homepage='https://doi.org/10.7910/DVN/DBW86T',
         citation=(
             '@article{tschandl2018ham10000, title={The HAM10000 dataset, a large collection '
@@ -124,12 +140,22 @@ class Ham10000Seg(tfds.core.GeneratorBasedBuilder):
         ),
     )
 
-  def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
-    return {'train': self._generate_examples(pathlib.Path(dl_manager.manual_dir))}
+  def _shard_iterators_per_split(
+      self, dl_manager: tfds.download.DownloadManager
+  ) -> Mapping[str, list[Callable[[], Iterator[tuple[str, dict[str, Any]]]]]]:
+    records = ham10000.scan(pathlib.Path(dl_manager.manual_dir))
+    # Written to metadata.json after the split: the examples are stored in this order.
+    self.info.metadata['records'] = {'train': [
+        {'image_id': r.image_id, 'lesion_id': r.lesion_id, 'site': r.site, 'dx': r.dx,
+         'layout': r.layout} for r in records]}
+    n = IMAGES_PER_SHARD
+    return {'train': [functools.partial(self._generate_shard, records[i:i + n])
+                      for i in range(0, len(records), n)]}
 
-  def _generate_examples(self, manual_dir: pathlib.Path):
+  def _generate_shard(self, records: Sequence[ham10000.Record]
+                      ) -> Iterator[tuple[str, dict[str, Any]]]:
     size = self.builder_config.image_size
-    for record in ham10000.scan(manual_dir):
+    for record in records:
       image, mask = ham10000.load_example_uint8(record, size)
       yield record.image_id, {
           'image': _png(image),
@@ -157,7 +183,7 @@ def builder(out_dir: PathLike, image_size: int | Sequence[int]) -> Ham10000Seg:
 def prepare(
     data_dir: PathLike,
     out_dir: PathLike,
-    image_size: int | Sequence[int] = (128, 128),
+    image_size: int | Sequence[int],
     overwrite: bool = False,
 ) -> pathlib.Path:
   """Builds `ham10000_seg/<H>x<W>` as array_record files from a release folder.
@@ -184,7 +210,40 @@ def prepare(
   return pathlib.Path(os.fspath(b.data_dir))
 
 
-def load_data_source(out_dir: PathLike, image_size: int | Sequence[int] = (128, 128),
-                     split: str = 'train'):
+def load_data_source(out_dir: PathLike, image_size: int | Sequence[int], split: str = 'train'):
   """Random-access view (`builder.as_data_source()[split]`) of a prepared dataset."""
   return builder(out_dir, image_size).as_data_source(split=split)
+
+
+def find(root: PathLike, image_size: int | Sequence[int]) -> pathlib.Path | None:
+  """The prepared `ham10000_seg` folder of this image size in `root`, or None if none.
+
+  `root` may be the `out_dir` given to `prepare` or its `ham10000_seg/` folder.
+
+  Raises:
+    ValueError: `root` holds `ham10000_seg` but not at this size, or only in another version
+      (names the sizes / versions found).
+  """
+  root = pathlib.Path(root)
+  base = root if root.name == Ham10000Seg.name else root / Ham10000Seg.name
+  if not base.is_dir():
+    return None
+  size = config_for(image_size).name
+  version = str(Ham10000Seg.VERSION)
+  if (base / size / version / 'dataset_info.json').is_file():
+    return base / size / version
+  found = sorted(str(p.relative_to(base)) for p in base.glob('*/*/dataset_info.json'))
+  raise ValueError(f'{base} holds {[f[:f.rindex("/")] for f in found]} (size/version), '
+                   f'not {size}/{version}: set config.data.image_size to a prepared size, or '
+                   f'prepare {size} with `adpfl data prepare --task ham10000 --image-size '
+                   f'{size.replace("x", ",")}`.')
+
+
+def records(path: PathLike) -> list[dict[str, Any]]:
+  """The records of a prepared folder's examples (`load`'s index order), from metadata.json."""
+  return json.loads((pathlib.Path(path) / 'metadata.json').read_text())['records']['train']
+
+
+def load(path: PathLike):
+  """Random-access view of the 'train' split of a prepared folder (as returned by `find`)."""
+  return tfds.builder_from_directory(os.fspath(path)).as_data_source(split='train')

@@ -13,7 +13,8 @@ from adpfl_jax.data import brats
 from adpfl_jax.data import ham10000
 from adpfl_jax.data import kits23
 from adpfl_jax.data import nifti
-from adpfl_jax.data import phantoms3d
+from adpfl_jax.data import tfds_3d
+from adpfl_jax.data import tfds_ham10000
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SHAPE = {'ham10000': '24,32', 'kits23': '8,16,16', 'brats2024': '8,16,16'}
@@ -64,11 +65,11 @@ def test_make_phantoms_kits23_layout(tmp_path):
     case = out / 'dataset' / f'case_{i:05d}'
     assert (case / 'imaging.nii.gz').is_file() and (case / 'segmentation.nii.gz').is_file()
   assert (out / 'dataset' / 'kits23.json').is_file()
-  with open(out / phantoms3d.KITS_SITE_CSV, newline='') as f:
+  with open(out / kits23.SITE_CSV, newline='') as f:
     assert list(csv.reader(f))[0] == ['case', 'site_id']
   image, spacing = nifti.read_nifti(out / 'dataset' / 'case_00000' / 'imaging.nii.gz')
   assert image.shape == (8, 16, 16) and len(spacing) == 3
-  cases = kits23.scan(out, site_csv=str(out / phantoms3d.KITS_SITE_CSV))
+  cases = kits23.scan(out, site_csv=str(out / kits23.SITE_CSV))
   assert [c.case_id for c in cases] == [f'case_{i:05d}' for i in range(4)]
   assert {str(c.site) for c in cases} == {'0', '1'}
 
@@ -154,9 +155,8 @@ def test_prepare_kits23_reads_back_with_as_data_source(tmp_path, capsys):
   assert _prepare(raw, tmp_path / 'tfds', 'kits23', '--shape', '4,8,8',
                   '--target-spacing', '4,2,2') == 0
   printed = capsys.readouterr().out
-  path = tmp_path / 'tfds' / 'kits23_seg' / '1.0.0'
+  path = tmp_path / 'tfds' / 'kits23_seg' / '1.1.0'
   assert f'prepared kits23 from {raw}' in printed and str(path) in printed
-  from adpfl_jax.data import tfds_3d  # pylint: disable=g-import-not-at-top
   source = tfds_3d.load(path)['train']  # builder_from_directory(...).as_data_source()
   assert len(source) == 3
   ids = set()
@@ -173,8 +173,7 @@ def test_prepare_brats2024_test_split_and_ham10000(tmp_path, capsys):
   raw = _make(tmp_path, 'brats2024', 7, '--sites', '2')
   assert _prepare(raw, tmp_path / 'tfds', 'brats2024', '--shape', '4,8,8',
                   '--target-spacing', '2,2,2', '--test-fraction', '0.4') == 0
-  from adpfl_jax.data import tfds_3d  # pylint: disable=g-import-not-at-top
-  ds = tfds_3d.load(tmp_path / 'tfds' / 'brats2024_seg' / '1.0.0')
+  ds = tfds_3d.load(tmp_path / 'tfds' / 'brats2024_seg' / '1.1.0')
   assert set(ds) == {'train', 'test'} and len(ds['train']) + len(ds['test']) == 7
   assert ds['test'][0]['image'].shape == (4, 8, 8, 4)
 
@@ -182,7 +181,6 @@ def test_prepare_brats2024_test_split_and_ham10000(tmp_path, capsys):
   capsys.readouterr()
   assert _prepare(ham, tmp_path / 'tfds', 'ham10000', '--image-size', '16,20') == 0
   assert 'prepared ham10000' in capsys.readouterr().out
-  from adpfl_jax.data import tfds_ham10000  # pylint: disable=g-import-not-at-top
   source = tfds_ham10000.load_data_source(tmp_path / 'tfds', image_size=(16, 20))
   assert len(source) == 6
   ex = source[0]
@@ -215,6 +213,50 @@ def test_prepare_bad_values(tmp_path, capsys, task, argv, message):
   capsys.readouterr()
   assert _prepare(raw, tmp_path / 'tfds', task, *argv) == 2
   assert message in capsys.readouterr().err
+  assert not (tmp_path / 'tfds').exists()
+
+
+def test_prepare_takes_the_preprocessing_keys_of_a_config(tmp_path, capsys):
+  raw = _make(tmp_path, 'kits23', 3)
+  config = tmp_path / 'tiny_kits23.py'
+  config.write_text(
+      'import importlib.util\n'
+      f'spec = importlib.util.spec_from_file_location("k", {str(REPO / "experiments" / "kits23.py")!r})\n'
+      'module = importlib.util.module_from_spec(spec)\n'
+      'spec.loader.exec_module(module)\n\n\n'
+      'def get_config(arg=None):\n'
+      '  c = module.get_config(arg)\n'
+      '  c.data.volume_shape = (4, 8, 8) if arg is None else (2, 4, 4)\n'
+      '  return c\n')
+  capsys.readouterr()
+  assert _prepare(raw, tmp_path / 'tfds', 'kits23', '--config', f'{config}:smoke') == 0
+  printed = capsys.readouterr().out
+  path = tmp_path / 'tfds' / 'kits23_seg' / '1.1.0'
+  assert tfds_3d.prepared_config(path)['shape'] == [2, 4, 4]  # The :smoke config's.
+  assert tfds_3d.prepared_config(path)['target_spacing'] == [3.0, 1.5, 1.5]
+  assert f'adpfl train --config={config}:smoke --config.data.dir={tmp_path / "tfds"}' in printed
+  # A flag overrides the config's key.
+  assert _prepare(raw, tmp_path / 'flag', 'kits23', '--config', str(config),
+                  '--target-spacing', '4,2,2') == 0
+  path = tmp_path / 'flag' / 'kits23_seg' / '1.1.0'
+  assert tfds_3d.prepared_config(path)['shape'] == [4, 8, 8]
+  assert tfds_3d.prepared_config(path)['target_spacing'] == [4.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize('task,argv,message', [
+    ('kits23', [], '--shape (or --config with a non-empty config.data.volume_shape) is required'),
+    ('kits23', ['--shape', '4,8,8'], '--target-spacing (or --config with a non-empty'),
+    ('ham10000', [], '--image-size (or --config with a non-empty config.data.image_size)'),
+    ('kits23', ['--config', 'nowhere.py'], '--config nowhere.py: no such file'),
+    ('kits23', ['--config', str(REPO / 'experiments' / 'brats2024.py')],
+     "is a 'brats2024' config (config.data.name), not 'kits23'"),
+])
+def test_prepare_needs_the_preprocessing_keys(tmp_path, capsys, task, argv, message):
+  raw = _make(tmp_path, task, 2)
+  capsys.readouterr()
+  assert _prepare(raw, tmp_path / 'tfds', task, *argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('adpfl data prepare: ') and message in err and err.count('\n') == 1
   assert not (tmp_path / 'tfds').exists()
 
 

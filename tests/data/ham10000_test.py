@@ -1,7 +1,8 @@
-"""Tests for adpfl_jax.data.ham10000 and adpfl_jax.data.tfds_ham10000.
+"""Tests for adpfl_jax.data.ham10000, phantoms_ham10000 and tfds_ham10000.
 
 Every fixture is written to tmp_path in the real release layout (docs/datasets.md §1.1,
-§1.5, §6.1); some are written by hand here, others by `write_phantoms`.
+§1.5, §6.1); some are written by hand here, others by `phantoms_ham10000.write_phantoms`.
+The federation built from these folders is tested in federated_test.py.
 """
 
 import pathlib
@@ -11,7 +12,8 @@ from PIL import Image
 import pytest
 
 from adpfl_jax.data import ham10000
-from adpfl_jax.data import partition
+from adpfl_jax.data import phantoms_ham10000
+from adpfl_jax.data import tfds_ham10000
 
 # Hand-written fixture: (lesion_id, image_id, dx, dx_type, age, sex, localization, dataset).
 _ROWS = [
@@ -98,9 +100,9 @@ def test_nested_mask_folder(tmp_path):
 
 @pytest.mark.parametrize('ext', ['.csv', '.tab', ''])
 def test_metadata_extensions_and_nesting(tmp_path, ext):
-  root = ham10000.write_phantoms(tmp_path / 'ph', cases=7, sites=2, seed=1,
-                                 image_size=(24, 32), metadata_ext=ext,
-                                 nested_masks=(ext == '.tab'))
+  root = phantoms_ham10000.write_phantoms(tmp_path / 'ph', cases=7, sites=2, seed=1,
+                                          image_size=(24, 32), metadata_ext=ext,
+                                          nested_masks=(ext == '.tab'))
   meta = root / f'HAM10000_metadata{ext}'
   assert meta.is_file()
   header = meta.read_text().splitlines()[0]
@@ -110,7 +112,7 @@ def test_metadata_extensions_and_nesting(tmp_path, ext):
   assert {r.site for r in records} == {'vidir_molemax', 'vidir_modern'}
   assert any(r.age is None for r in records)
   assert any(r.sex == 'unknown' for r in records)
-  assert all(r.lesion_id.startswith('HAM_') and r.dx in ham10000._DX_NAMES for r in records)
+  assert all(r.lesion_id.startswith('HAM_') and r.dx in phantoms_ham10000.DX_NAMES for r in records)
   lesions, counts = np.unique([r.lesion_id for r in records], return_counts=True)
   assert counts.max() >= 2  # some lesion has several images, as in the real data
   assert len(lesions) < 7
@@ -132,22 +134,17 @@ def test_tab_metadata_in_dataverse_style(tmp_path):
   assert by_id['ISIC_0026769'].age is None
 
 
-def test_missing_dataset_column_falls_back(tmp_path):
-  root = ham10000.write_phantoms(tmp_path / 'ph', cases=8, sites=2, image_size=(24, 32),
-                                 with_dataset_column=False)
+def test_missing_dataset_column_gives_no_sites(tmp_path):
+  root = phantoms_ham10000.write_phantoms(tmp_path / 'ph', cases=8, sites=2,
+                                          image_size=(24, 32), with_dataset_column=False)
   assert 'dataset' not in (root / 'HAM10000_metadata.csv').read_text().splitlines()[0]
   records = ham10000.scan(root)
-  assert all(r.site is None for r in records)
-  fed = ham10000.load_federation(root, (16, 16), partition='natural', num_clients=2)
-  assert 'fallback' in fed['partition_summary']['partition']
-  assert len(fed['clients']) == 2
-  with pytest.raises(ham10000.DataError, match='dataset'):
-    ham10000.load_federation(root, (16, 16), natural_fallback=None)
+  assert all(r.site is None for r in records) and all(r.dx for r in records)
 
 
 def test_isic2018_layout(tmp_path):
-  root = ham10000.write_phantoms(tmp_path / 'isic', cases=10, layout='isic2018',
-                                 image_size=(24, 32))
+  root = phantoms_ham10000.write_phantoms(tmp_path / 'isic', cases=10, layout='isic2018',
+                                          image_size=(24, 32))
   assert (root / 'ISIC2018_Task1-2_Training_Input' / 'LICENSE.txt').is_file()
   records = ham10000.scan(root)
   assert len(records) == 10
@@ -157,8 +154,6 @@ def test_isic2018_layout(tmp_path):
   assert len(native) > 1  # sizes vary, as in ISIC 2018
   x, y = ham10000.load_example(records[0], (16, 20))
   assert x.shape == (16, 20, 3) and y.shape == (16, 20)
-  with pytest.raises(ham10000.DataError, match='image_size'):
-    ham10000.load_arrays(records, None)
   # An input folder without its ground-truth folder is named in the error.
   gt = root / 'ISIC2018_Task1_Validation_GroundTruth'
   for f in gt.iterdir():
@@ -247,63 +242,28 @@ def test_error_image_not_in_metadata(tmp_path):
     ham10000.scan(root)
 
 
-def _all_ids(fed, split):
-  return [i for c in fed['clients'] for i in c[f'{split}_ids']]
-
-
-@pytest.mark.parametrize('method', ['natural', 'iid', 'dirichlet'])
-def test_load_federation_grouped_by_lesion(tmp_path, method):
-  root = ham10000.write_phantoms(tmp_path / 'ph', cases=24, sites=3, seed=2,
-                                 image_size=(24, 32))
-  lesion_of = {r.image_id: r.lesion_id for r in ham10000.scan(root)}
-  fed = ham10000.load_federation(root, (16, 16), partition=method, num_clients=None
-                                 if method == 'natural' else 3, alpha=1.0, seed=0)
-  assert len(fed['clients']) == 3
-  all_ids = _all_ids(fed, 'train') + _all_ids(fed, 'test')
-  assert sorted(all_ids) == sorted(lesion_of)  # every image exactly once
-  train_lesions = {lesion_of[i] for i in _all_ids(fed, 'train')}
-  test_lesions = {lesion_of[i] for i in _all_ids(fed, 'test')}
-  assert not train_lesions & test_lesions
-  owners = {}
-  for k, c in enumerate(fed['clients']):
-    for i in c['train_ids'] + c['test_ids']:
-      assert owners.setdefault(lesion_of[i], k) == k  # no lesion in two clients
-    x, y = c['train']
-    assert x.shape == (len(c['train_ids']), 16, 16, 3) and x.dtype == np.float32
-    assert y.shape == (len(c['train_ids']), 16, 16) and y.dtype == np.uint8
-    assert 0.0 <= x.min() and x.max() <= 1.0 and set(np.unique(y).tolist()) <= {0, 1}
-  s = fed['partition_summary']
-  assert s['total']['train'] + s['total']['test'] == 24
-  assert [c['train'] for c in s['clients']] == [len(c['train_ids']) for c in fed['clients']]
-  if method == 'natural':
-    assert [c['name'] for c in fed['clients']] == ['rosendahl', 'vidir_modern',
-                                                   'vidir_molemax']
-  assert 'TOTAL' in partition.format_summary(s)
-
-
-def test_load_federation_max_examples_and_bad_partition(tmp_path):
-  root = ham10000.write_phantoms(tmp_path / 'ph', cases=12, sites=2, image_size=(24, 32))
-  fed = ham10000.load_federation(root, 16, partition='iid', num_clients=2, max_examples=5)
-  total = fed['partition_summary']['total']
-  assert 0 < total['train'] + total['test'] <= 5
-  with pytest.raises(ValueError, match="Unknown partition 'kmeans'"):
-    ham10000.load_federation(root, 16, partition='kmeans')
-  with pytest.raises(ValueError, match='num_clients=5'):
-    ham10000.load_federation(root, 16, partition='natural', num_clients=5)
-
-
-def test_tfds_builder_array_record_roundtrip(tmp_path):
-  tfds_ham10000 = pytest.importorskip('adpfl_jax.data.tfds_ham10000')
-  root = ham10000.write_phantoms(tmp_path / 'ph', cases=6, sites=2, image_size=(48, 64))
+def test_tfds_builder_array_record_roundtrip(tmp_path, monkeypatch):
+  monkeypatch.setattr(tfds_ham10000, 'IMAGES_PER_SHARD', 4)  # 6 images: 2 shards.
+  root = phantoms_ham10000.write_phantoms(tmp_path / 'ph', cases=6, sites=2, image_size=(48, 64))
   out = tfds_ham10000.prepare(root, tmp_path / 'tfds', image_size=(32, 32))
-  assert list(out.glob('*.array_record-*')), f'no array_record files in {out}'
+  assert out == tmp_path / 'tfds' / 'ham10000_seg' / '32x32' / '1.1.0'
+  assert len(list(out.glob('*.array_record-*'))) == 2, f'not 2 array_record shards in {out}'
   source = tfds_ham10000.load_data_source(tmp_path / 'tfds', image_size=(32, 32))
   assert len(source) == 6
-  expected = {r.image_id: r for r in ham10000.scan(root)}
+  scanned = ham10000.scan(root)
+  expected = {r.image_id: r for r in scanned}
+  # The index in metadata.json lists the examples in their stored order: the scan order.
+  assert tfds_ham10000.find(tmp_path / 'tfds', (32, 32)) == out
+  assert tfds_ham10000.find(tmp_path / 'tfds' / 'ham10000_seg', 32) == out
+  index = tfds_ham10000.records(out)
+  assert [r['image_id'] for r in index] == [r.image_id for r in scanned]
+  assert [(r['lesion_id'], r['site'], r['dx']) for r in index] == [
+      (r.lesion_id, r.site, r.dx) for r in scanned]
   seen = set()
   for i in range(len(source)):
     ex = source[i]
     image_id = ex['image_id'].decode()
+    assert image_id == index[i]['image_id']
     seen.add(image_id)
     assert ex['image'].shape == (32, 32, 3) and ex['image'].dtype == np.uint8
     assert ex['mask'].shape == (32, 32) and ex['mask'].dtype == np.uint8
@@ -313,3 +273,11 @@ def test_tfds_builder_array_record_roundtrip(tmp_path):
     assert ex['lesion_id'].decode() == expected[image_id].lesion_id
     assert ex['site'].decode() == expected[image_id].site
   assert seen == set(expected)
+
+
+def test_find_names_the_prepared_sizes(tmp_path):
+  assert tfds_ham10000.find(tmp_path, (32, 32)) is None  # Not a prepared folder.
+  root = phantoms_ham10000.write_phantoms(tmp_path / 'ph', cases=3, sites=1, image_size=(24, 32))
+  tfds_ham10000.prepare(root, tmp_path / 'tfds', image_size=(16, 16))
+  with pytest.raises(ValueError, match=r"\['16x16/1.1.0'\].*config\.data\.image_size"):
+    tfds_ham10000.find(tmp_path / 'tfds', (32, 32))

@@ -103,7 +103,7 @@ def test_write_nifti_kits_layout_roundtrip_asymmetric(tmp_path):
 
 def test_scan_finds_cases_sites_and_metadata(kits_dir):
   root, sites = kits_dir
-  cases = kits23.scan(root, site_csv=root / phantoms3d.KITS_SITE_CSV)
+  cases = kits23.scan(root, site_csv=root / kits23.SITE_CSV)
   assert [c.case_id for c in cases] == ['case_00000', 'case_00001', 'case_00002', 'case_00003']
   assert {c.case_id: c.site for c in cases} == sites
   assert all(c.metadata.get('case_id') == c.case_id for c in cases)

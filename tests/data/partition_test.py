@@ -141,3 +141,23 @@ def test_partition_summary_counts_match_brute_force():
   assert s['partition'] == 'test'
   text = partition.format_summary(s)
   assert 'c0' in text and 'c1' in text and 'TOTAL' in text and 'partition=test' in text
+
+
+def test_subsample_groups_keeps_whole_groups_up_to_the_limit():
+  groups = np.array(['a', 'a', 'b', 'c', 'c', 'c', 'd', 'e', 'e'])
+  for seed in range(5):
+    keep = partition.subsample_groups(groups, 5, seed)
+    assert len(keep) <= 5 and np.all(np.diff(keep) > 0)
+    for g in set(groups[keep].tolist()):  # Every example of a kept group is kept.
+      assert set(np.flatnonzero(groups == g)) <= set(keep.tolist())
+    np.testing.assert_array_equal(keep, partition.subsample_groups(groups, 5, seed))
+  assert len(partition.subsample_groups(groups, 100, 0)) == len(groups)
+  assert len(partition.subsample_groups(np.array(['a', 'a']), 1, 0)) == 0
+
+
+def test_one_per_group_keeps_the_smallest_key_first_on_ties():
+  groups = np.array(['p1', 'p1', 'p2', 'p2', 'p3', 'p1'])
+  keys = ['102', '101', '200', '200', '300', '100']
+  np.testing.assert_array_equal(partition.one_per_group(np.arange(6), groups, keys), [2, 4, 5])
+  np.testing.assert_array_equal(partition.one_per_group(np.array([0, 1, 3]), groups, keys),
+                                [1, 3])

@@ -33,17 +33,24 @@ def kits_raw(tmp_path_factory):
 
 def test_kits23_seg_builds_and_reads_back(kits_raw, tmp_path):
   raw, sites = kits_raw
-  site_csv = str(raw / phantoms3d.KITS_SITE_CSV)
+  site_csv = str(raw / kits23.SITE_CSV)
   path = tfds_3d.prepare('kits23_seg', raw, tmp_path / 'out', site_csv=site_csv, **KITS_CFG)
-  assert path == tmp_path / 'out' / 'kits23_seg' / '1.0.0'
+  assert path == tmp_path / 'out' / 'kits23_seg' / '1.1.0'
+  assert tfds_3d.find('kits23_seg', tmp_path / 'out') == path
+  assert tfds_3d.find('kits23_seg', tmp_path / 'out' / 'kits23_seg') == path
+  assert tfds_3d.find('kits23_seg', path) == path
+  assert tfds_3d.find('brats2024_seg', tmp_path / 'out') is None
   assert _listing(tmp_path / 'out')[0] == 'kits23_seg'  # No leftover temporary folder.
   assert len(list(path.glob('kits23_seg-train.array_record-*'))) == 3  # 5 cases, 2 per shard.
   ds = tfds_3d.load(path)
   assert set(ds) == {'train'} and len(ds['train']) == 5
   got_sites = {}
+  index = tfds_3d.records(path)  # metadata.json lists the examples in their stored order.
+  assert [(split, i) for split, i, _ in index] == [('train', i) for i in range(5)]
   for i in range(5):
     ex = ds['train'][i]
     cid = _decoded(ex['case_id'])
+    assert index[i][2] == {'case_id': cid, 'patient_id': cid, 'site': _decoded(ex['site'])}
     got_sites[cid] = _decoded(ex['site'])
     assert ex['image'].shape == (6, 12, 12, 1) and ex['image'].dtype == np.float32
     assert ex['label'].shape == (6, 12, 12) and ex['label'].dtype == np.uint8
@@ -66,10 +73,13 @@ def test_brats2024_seg_patient_grouped_splits(tmp_path):
   ds = tfds_3d.load(path)
   assert set(ds) == {'train', 'test'}
   patients = {}
+  index = {(split, i): rec for split, i, rec in tfds_3d.records(path)}
   for split, source in ds.items():
     for i in range(len(source)):
       ex = source[i]
       cid, pid = _decoded(ex['case_id']), _decoded(ex['patient_id'])
+      assert index[split, i] == {'case_id': cid, 'patient_id': pid, 'site': sites[cid],
+                                 'timepoint': cid[-3:], 'release': _decoded(ex['release'])}
       assert pid == cid[:-4] and _decoded(ex['site']) == sites[cid]
       assert ex['image'].shape == (6, 8, 8, 4) and ex['label'].shape == (6, 8, 8)
       assert set(np.unique(ex['label']).tolist()) <= {0, 1, 2, 3, 4}
@@ -133,5 +143,30 @@ def test_bad_options_are_named(kits_raw, tmp_path):
   with pytest.raises(ValueError, match='kits19_seg'):
     tfds_3d.prepare('kits19_seg', raw, tmp_path / 'out')
   with pytest.raises(ValueError, match='test_fraction'):
-    tfds_3d.prepare('kits23_seg', raw, tmp_path / 'out', test_fraction=1.5)
+    tfds_3d.prepare('kits23_seg', raw, tmp_path / 'out', **dict(KITS_CFG, test_fraction=1.5))
+  with pytest.raises(TypeError, match=r"needs option\(s\) \['target_spacing'\]"):
+    tfds_3d.prepare('kits23_seg', raw, tmp_path / 'out', shape=(4, 4, 4))
   assert not (tmp_path / 'out').exists()
+
+
+def test_default_sites_follow_the_pipeline_rule(kits_raw, tmp_path):
+  """Without site options, KiTS23 sites come from <data_dir>/anony_sites.csv, else the phase."""
+  raw, sites = kits_raw
+  path = tfds_3d.prepare('kits23_seg', raw, tmp_path / 'csv', **KITS_CFG)
+  assert {r['case_id']: r['site'] for _, _, r in tfds_3d.records(path)} == sites
+  no_csv = tmp_path / 'raw'
+  phantoms3d.write_kits23_phantoms(no_csv, cases=[0, 500], sites=1, shape=TINY)
+  (no_csv / kits23.SITE_CSV).unlink()
+  path = tfds_3d.prepare('kits23_seg', no_csv, tmp_path / 'phase', **KITS_CFG)
+  assert [r['site'] for _, _, r in tfds_3d.records(path)] == ['arterial', 'nephrogenic']
+
+
+def test_find_rejects_another_version(kits_raw, tmp_path):
+  raw, _ = kits_raw
+  path = tfds_3d.prepare('kits23_seg', raw, tmp_path / 'out', **dict(KITS_CFG, max_cases=1))
+  old = path.parent / '1.0.0'
+  path.rename(old)
+  with pytest.raises(ValueError, match=r"version\(s\) \['1.0.0'\], not 1.1.0.*prepare"):
+    tfds_3d.find('kits23_seg', tmp_path / 'out')
+  with pytest.raises(ValueError, match=r'version 1.0.0, not 1.1.0'):
+    tfds_3d.find('kits23_seg', old)

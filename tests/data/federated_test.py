@@ -1,4 +1,8 @@
-"""Tests for `adpfl_jax.data.loaders` (`load`: real layouts -> FederatedData) and the configs."""
+"""Tests for the data pipeline `adpfl_jax.data.federated.load` (real layouts -> FederatedData).
+
+Every configuration starts from the task's experiment config (`experiments/<task>.py`), which owns
+the defaults of every `config.data` key, with tiny shapes set on top.
+"""
 
 import importlib.util
 import json
@@ -9,21 +13,23 @@ import numpy as np
 import pytest
 
 from adpfl_jax import train
+from adpfl_jax import validation
 from adpfl_jax.data import brats
+from adpfl_jax.data import federated
 from adpfl_jax.data import ham10000
 from adpfl_jax.data import kits23
-from adpfl_jax.data import loaders
-from adpfl_jax.data import phantoms3d
+from adpfl_jax.data import phantoms
+from adpfl_jax.data import phantoms_ham10000
 from adpfl_jax.metrics import regions as metrics_regions
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TINY_3D = (8, 16, 16)  # phantom shape (z, y, x)
 TINY_2D = (24, 32)  # phantom image (H, W)
-# Per task: phantom cases, the `config.data` of a tiny load, example shape, channels, labels.
+# Per task: phantom cases, the `config.data` keys of a tiny load, example shape, labels.
 CFG = {
-    'kits23': dict(name='kits23', volume_shape=(4, 8, 8), target_spacing=(4.0, 2.0, 2.0)),
-    'brats2024': dict(name='brats2024', volume_shape=(4, 8, 8), target_spacing=(2.0, 2.0, 2.0)),
-    'ham10000': dict(name='ham10000', image_size=(12, 16)),
+    'kits23': dict(volume_shape=(4, 8, 8), target_spacing=(4.0, 2.0, 2.0), num_workers=0),
+    'brats2024': dict(volume_shape=(4, 8, 8), target_spacing=(2.0, 2.0, 2.0), num_workers=0),
+    'ham10000': dict(image_size=(12, 16), num_workers=0),
 }
 CASES = {'kits23': 12, 'brats2024': 16, 'ham10000': 36}
 EXAMPLE = {'kits23': (4, 8, 8, 1), 'brats2024': (4, 8, 8, 4), 'ham10000': (12, 16, 3)}
@@ -39,13 +45,22 @@ def data_dirs(tmp_path_factory):
   out = {}
   for task, cases in CASES.items():
     shape = TINY_2D if task == 'ham10000' else TINY_3D
-    out[task] = loaders.write_phantoms(task, tmp_path_factory.mktemp(task), cases, sites=3,
-                                       shape=shape)
+    out[task] = phantoms.write(task, tmp_path_factory.mktemp(task), cases, sites=3, shape=shape)
   return out
 
 
+def _experiment(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, REPO / 'experiments' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
 def _cfg(task, root, **kw):
-  return dict(CFG[task], dir=str(root), **kw)
+  """`config.data` of experiments/<task>.py (every key) with the tiny settings and `kw`."""
+  cfg = _experiment(task).data.to_dict()
+  cfg.update(CFG[task], dir=str(root), **kw)
+  return cfg
 
 
 def _groups_of(task, root):
@@ -53,7 +68,7 @@ def _groups_of(task, root):
   if task == 'ham10000':
     return {r.image_id: (r.lesion_id, r.site) for r in ham10000.scan(root)}
   if task == 'kits23':
-    cases = kits23.scan(root, site_csv=str(pathlib.Path(root) / phantoms3d.KITS_SITE_CSV))
+    cases = kits23.scan(root, site_csv=str(pathlib.Path(root) / kits23.SITE_CSV))
   else:
     cases = brats.scan(root)
   return {c.case_id: (c.patient_id, str(c.site)) for c in cases}
@@ -62,20 +77,20 @@ def _groups_of(task, root):
 def _spy_split(monkeypatch):
   """Records the (train, test) indices and groups `load` hands to `partition_summary`."""
   calls = []
-  real = loaders.partition_lib.partition_summary
+  real = federated.partition.partition_summary
 
   def spy(names, train_idx, test_idx, labels=None, groups=None, meta=None):
     calls.append(dict(names=list(names), train=[np.asarray(t) for t in train_idx],
                       test=[np.asarray(t) for t in test_idx], groups=np.asarray(groups)))
     return real(names, train_idx, test_idx, labels=labels, groups=groups, meta=meta)
 
-  monkeypatch.setattr(loaders.partition_lib, 'partition_summary', spy)
+  monkeypatch.setattr(federated.partition, 'partition_summary', spy)
   return calls
 
 
 @pytest.mark.parametrize('task', list(CASES))
 def test_load_shapes_dtypes_classes_and_spacing(data_dirs, task):
-  fd = loaders.load(_cfg(task, data_dirs[task]), seed=0)
+  fd = federated.load(_cfg(task, data_dirs[task]), seed=0)
   assert fd.num_clients == 3 and fd.task == EVAL_TASK[task]
   assert fd.num_classes == NUM_CLASSES[task]
   assert fd.example_shape == EXAMPLE[task]
@@ -101,12 +116,13 @@ def test_load_shapes_dtypes_classes_and_spacing(data_dirs, task):
 
 @pytest.mark.parametrize('task,partition', [('kits23', 'natural'), ('brats2024', 'natural'),
                                             ('ham10000', 'natural'), ('brats2024', 'iid'),
-                                            ('kits23', 'dirichlet')])
+                                            ('kits23', 'dirichlet'), ('ham10000', 'iid'),
+                                            ('ham10000', 'dirichlet')])
 def test_no_patient_on_both_sides_nor_in_two_clients(data_dirs, monkeypatch, task, partition):
   calls = _spy_split(monkeypatch)
   extra = {} if partition == 'natural' else dict(num_clients=2, alpha=1.0)
-  fd = loaders.load(_cfg(task, data_dirs[task], partition=partition, **extra), seed=3)
-  call = calls[-1]  # The loader's own summary (HAM10000's reader also writes one).
+  fd = federated.load(_cfg(task, data_dirs[task], partition=partition, **extra), seed=3)
+  (call,) = calls
   groups = call['groups']
   owner = {}
   for k, (tr, te) in enumerate(zip(call['train'], call['test'])):
@@ -127,9 +143,34 @@ def test_no_patient_on_both_sides_nor_in_two_clients(data_dirs, monkeypatch, tas
       assert {g for g, c in owner.items() if c == k} == sites[str(name)]
 
 
+@pytest.mark.parametrize('task', list(CASES))
+def test_a_kept_site_splits_alike_whatever_sites_are_dropped(data_dirs, task):
+  """A site's train/test split is seeded by its place among all sites, not among the kept ones."""
+  every = federated.load(_cfg(task, data_dirs[task]), seed=4)
+  assert every.num_clients == 3
+  for k in (1, 2):
+    kept = federated.load(_cfg(task, data_dirs[task], num_clients=k), seed=4)
+    assert f'dropped to keep num_clients={k}' in kept.partition_summary['dropped_sites']
+    for j, name in enumerate(kept.client_names):
+      i = every.client_names.index(name)
+      np.testing.assert_array_equal(kept.train_x[j, :kept.sizes[j]],
+                                    every.train_x[i, :every.sizes[i]])
+      np.testing.assert_array_equal(kept.test_y[j], every.test_y[i])
+
+
+def test_ham10000_without_sites_falls_back_to_dirichlet(tmp_path):
+  root = phantoms_ham10000.write_phantoms(tmp_path / 'ham', cases=40, sites=2,
+                                          image_size=TINY_2D, with_dataset_column=False)
+  fd = federated.load(_cfg('ham10000', root), seed=0)  # num_clients=0: one per HAM source.
+  assert fd.client_names == [f'client_{k}' for k in range(len(ham10000.SOURCES))]
+  summary = fd.partition_summary
+  assert summary['partition'].startswith('dirichlet with 4 clients (natural unavailable: 40 of')
+  assert summary['skew'] == 'dx'
+
+
 def test_brats_trains_on_the_earliest_time_point(data_dirs, monkeypatch):
   calls = _spy_split(monkeypatch)
-  loaders.load(_cfg('brats2024', data_dirs['brats2024']), seed=0)
+  federated.load(_cfg('brats2024', data_dirs['brats2024']), seed=0)
   cases = brats.scan(data_dirs['brats2024'])
   assert len({c.patient_id for c in cases}) < len(cases)  # Some patients have several.
   call = calls[-1]
@@ -142,34 +183,34 @@ def test_brats_trains_on_the_earliest_time_point(data_dirs, monkeypatch):
 @pytest.mark.parametrize('task', ['kits23', 'ham10000'])
 def test_reproducible_from_the_seed(data_dirs, task):
   cfg = _cfg(task, data_dirs[task], partition='iid', num_clients=2)
-  a, b = loaders.load(cfg, seed=5), loaders.load(cfg, seed=5)
+  a, b = federated.load(cfg, seed=5), federated.load(cfg, seed=5)
   np.testing.assert_array_equal(a.train_x, b.train_x)
   np.testing.assert_array_equal(a.train_y, b.train_y)
   for k in range(2):
     np.testing.assert_array_equal(a.test_x[k], b.test_x[k])
   assert a.partition_summary == b.partition_summary
-  c = loaders.load(cfg, seed=6)
+  c = federated.load(cfg, seed=6)
   assert (a.train_x.shape != c.train_x.shape or not np.array_equal(a.train_x, c.train_x))
 
 
 def test_phantom_cache_is_written_once_and_reused(tmp_path, monkeypatch):
   writes = []
-  real = loaders.write_phantoms
+  real = phantoms.write
 
   def counting(*args, **kw):
     writes.append(args)
     return real(*args, **kw)
 
-  monkeypatch.setattr(loaders, 'write_phantoms', counting)
-  monkeypatch.setenv(loaders.CACHE_ENV, str(tmp_path / 'env_cache'))
-  cfg = dict(CFG['kits23'], dir='', phantom_cases=6, phantom_sites=2, phantom_shape=TINY_3D)
-  a = loaders.load(cfg, seed=0)
+  monkeypatch.setattr(phantoms, 'write', counting)
+  monkeypatch.setenv(phantoms.CACHE_ENV, str(tmp_path / 'env_cache'))
+  cfg = _cfg('kits23', '', phantom_cases=6, phantom_sites=2, phantom_shape=TINY_3D)
+  a = federated.load(cfg, seed=0)
   root = tmp_path / 'env_cache'
   (folder,) = [p for p in root.iterdir()]
-  name = f'kits23-v{loaders.PHANTOM_VERSION["kits23"]}-6-0-s2-8x16x16'  # Recipe version in it.
+  name = f'kits23-v{phantoms.VERSION["kits23"]}-6-0-s2-8x16x16'  # Recipe version in it.
   assert folder.name == name
   assert (folder / '.complete').is_file() and (folder / 'dataset' / 'case_00000').is_dir()
-  b = loaders.load(cfg, seed=0)
+  b = federated.load(cfg, seed=0)
   assert len(writes) == 1  # Second load reads the cache.
   np.testing.assert_array_equal(a.train_x, b.train_x)
   assert a.num_clients == 2
@@ -178,7 +219,7 @@ def test_phantom_cache_is_written_once_and_reused(tmp_path, monkeypatch):
   cfg['cache_dir'] = str(tmp_path / 'own')
   stale = tmp_path / 'own' / name
   (stale / 'dataset').mkdir(parents=True)
-  loaders.load(cfg, seed=0)
+  federated.load(cfg, seed=0)
   assert len(writes) == 2 and (stale / '.complete').is_file()
   assert len(list((stale / 'dataset').glob('case_*'))) == 6
   assert sorted(p.name for p in (tmp_path / 'own').iterdir()) == [stale.name]  # No temp left.
@@ -199,34 +240,51 @@ def test_phantom_cache_is_written_once_and_reused(tmp_path, monkeypatch):
 def test_bad_config_values_name_the_key(data_dirs, key, value):
   cfg = _cfg('kits23', data_dirs['kits23'])
   cfg[key] = value
-  with pytest.raises(loaders.LoaderError, match=rf'config\.data\.{key}'):
-    loaders.load(cfg, seed=0)
+  with pytest.raises(federated.DataConfigError, match=rf'config\.data\.{key}'):
+    federated.load(cfg, seed=0)
+
+
+@pytest.mark.parametrize('task,key', [('kits23', 'volume_shape'), ('kits23', 'site_csv'),
+                                      ('brats2024', 'site_column'), ('ham10000', 'image_size'),
+                                      ('ham10000', 'test_fraction'), ('kits23', 'num_workers')])
+def test_a_missing_key_is_an_error_naming_it(data_dirs, task, key):
+  cfg = _cfg(task, data_dirs[task])
+  del cfg[key]
+  with pytest.raises(federated.DataConfigError, match=rf'config\.data\.{key} is missing'):
+    federated.load(cfg, seed=0)
+
+
+def test_empty_dir_reads_the_phantom_keys(tmp_path):
+  cfg = _cfg('kits23', '', cache_dir=str(tmp_path))
+  del cfg['phantom_shape']
+  with pytest.raises(federated.DataConfigError, match=r'config\.data\.phantom_shape'):
+    federated.load(cfg, seed=0)
 
 
 def test_bad_client_counts_name_the_key(data_dirs):
   root = data_dirs['kits23']
-  with pytest.raises(loaders.LoaderError, match=r'config\.data\.num_clients=0.*iid'):
-    loaders.load(_cfg('kits23', root, partition='iid', num_clients=0), seed=0)
-  with pytest.raises(loaders.LoaderError, match=r'config\.data\.num_clients=5.*3 site'):
-    loaders.load(_cfg('kits23', root, num_clients=5), seed=0)
-  with pytest.raises(loaders.LoaderError, match=r'config\.data\.num_clients=9'):
-    loaders.load(_cfg('kits23', root, partition='iid', num_clients=9), seed=0)
-  with pytest.raises(loaders.LoaderError, match=r'config\.data\.image_size'):
-    loaders.load(_cfg('ham10000', data_dirs['ham10000'], image_size=(16, 0)), seed=0)
+  with pytest.raises(federated.DataConfigError, match=r'config\.data\.num_clients=0.*iid'):
+    federated.load(_cfg('kits23', root, partition='iid', num_clients=0), seed=0)
+  with pytest.raises(federated.DataConfigError, match=r'config\.data\.num_clients=5.*3 site'):
+    federated.load(_cfg('kits23', root, num_clients=5), seed=0)
+  with pytest.raises(federated.DataConfigError, match=r'config\.data\.num_clients=9'):
+    federated.load(_cfg('kits23', root, partition='iid', num_clients=9), seed=0)
+  with pytest.raises(federated.DataConfigError, match=r'config\.data\.image_size'):
+    federated.load(_cfg('ham10000', data_dirs['ham10000'], image_size=(16, 0)), seed=0)
 
 
 @pytest.mark.parametrize('task', list(CASES))
 def test_empty_or_missing_data_dir_names_config_data_dir(tmp_path, task):
   (tmp_path / 'empty').mkdir()
-  with pytest.raises(loaders.LoaderError, match=r'config\.data\.dir=.*empty.*make-phantoms'):
-    loaders.load(_cfg(task, tmp_path / 'empty'), seed=0)
-  with pytest.raises(loaders.LoaderError, match=r'config\.data\.dir=.*does not exist'):
-    loaders.load(_cfg(task, tmp_path / 'nowhere'), seed=0)
+  with pytest.raises(federated.DataConfigError, match=r'config\.data\.dir=.*empty.*make-phantoms'):
+    federated.load(_cfg(task, tmp_path / 'empty'), seed=0)
+  with pytest.raises(federated.DataConfigError, match=r'config\.data\.dir=.*does not exist'):
+    federated.load(_cfg(task, tmp_path / 'nowhere'), seed=0)
 
 
 def test_max_cases_keeps_whole_patients(data_dirs, monkeypatch):
   calls = _spy_split(monkeypatch)
-  fd = loaders.load(_cfg('brats2024', data_dirs['brats2024'], max_cases=9), seed=1)
+  fd = federated.load(_cfg('brats2024', data_dirs['brats2024'], max_cases=9), seed=1)
   call = calls[-1]
   used = np.concatenate(call['train'] + call['test'])
   assert len(call['groups']) <= 9
@@ -243,13 +301,6 @@ def test_max_cases_keeps_whole_patients(data_dirs, monkeypatch):
 # ------------------------------------------------------------------------------ configs
 
 
-def _experiment(name, arg=None):
-  spec = importlib.util.spec_from_file_location(name, REPO / 'experiments' / f'{name}.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
 @pytest.mark.parametrize('task', list(CASES))
 @pytest.mark.parametrize('arg', [None, 'smoke'])
 def test_experiment_configs_are_valid(task, arg):
@@ -257,10 +308,18 @@ def test_experiment_configs_are_valid(task, arg):
   assert c.data.name == task and c.data.dir == ''
   assert c.privacy.mode == 'dp' and c.privacy.target_epsilon == 8.0 and c.privacy.delta == 1e-5
   assert c.model.name == ('unet2d' if task == 'ham10000' else 'unet3d')
-  opts = loaders.options(c.data)  # Every key the loader reads is valid.
+  opts = federated.options(c.data)  # Every key the pipeline reads is there and valid.
   assert opts.partition == 'natural'
   with pytest.raises(AttributeError):
     c.data.dri = '/x'  # Locked: a typo fails.
+
+
+@pytest.mark.parametrize('key,value', [('name', 'kits19'), ('partition', 'random')])
+def test_validate_checks_the_data_choices(key, value):
+  c = _experiment('brats2024')
+  c.data[key] = value
+  with pytest.raises(validation.ConfigError, match=rf'config\.data\.{key}=.*must be one of'):
+    validation.validate(c)
 
 
 def test_tiny_kits23_training_reports_every_region(data_dirs, tmp_path):
@@ -289,7 +348,7 @@ def test_tiny_kits23_training_reports_every_region(data_dirs, tmp_path):
   assert set(summary['dice_per_region']) == {'kidney_and_mass', 'mass', 'tumor'}
 
 
-def test_loader_accepts_a_config_dict(data_dirs):
+def test_pipeline_accepts_a_config_dict(data_dirs):
   cfg = ml_collections.ConfigDict(_cfg('kits23', data_dirs['kits23']))
-  fd = loaders.load(cfg, seed=0)
+  fd = federated.load(cfg, seed=0)
   assert fd.example_shape == EXAMPLE['kits23'] and fd.num_clients == 3
