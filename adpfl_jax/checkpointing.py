@@ -53,9 +53,11 @@ def config_hash(config) -> str:
 
 
 # Sections that only decide what is evaluated, logged or saved, and keys that only choose how the
-# same function is executed (backends compute the same round): none changes what trains.
+# same function is executed or where the same data come from (backends compute the same round; a
+# prepared folder holds the same arrays as its raw release): none changes what trains.
 _NOT_IDENTITY = ('eval.', 'log.', 'checkpoint.', 'fed.backend', 'fed.chunk_size',
-                 'fed.num_devices', 'model.fast_conv')
+                 'fed.num_devices', 'model.fast_conv', 'data.dir', 'data.num_workers',
+                 'data.cache_dir')
 
 
 def run_identity(config) -> int:
