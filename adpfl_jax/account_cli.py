@@ -117,7 +117,7 @@ def account(args: argparse.Namespace) -> dict[str, Any]:
   ledger = accounting.Ledger(plan.accountant, pld_discretization=args.pld_discretization)
   ledger.extend(runs)
   epsilon = ledger.epsilon(delta)
-  sigmas = [spec.noise_multiplier for spec, _ in runs]
+  sigmas = [plan.sigma(scale, r) for r in plan.rounds]  # what the device adds
   report: dict[str, Any] = {
       'epsilon': epsilon,
       'delta': delta,

@@ -32,6 +32,7 @@ from adpfl_jax.federated import client as client_lib
 from adpfl_jax.federated import sampling
 from adpfl_jax.federated import server
 from adpfl_jax.metrics import dice as dice_lib
+from adpfl_jax.metrics import lesionwise
 from adpfl_jax.metrics import regions as metrics_regions
 from adpfl_jax.metrics import writers
 from adpfl_jax.privacy import audit as audit_lib
@@ -196,7 +197,8 @@ class Trainer:
     """Challenge-style metrics on the pooled test split: per region Dice, HD95, NSD (host).
 
     Uses ``metrics/regions.py`` (DeepMind surface elements, the task's official NSD tolerances and
-    empty-mask conventions) in physical units from the examples' voxel spacing.
+    empty-mask conventions) in physical units from the examples' voxel spacing. BraTS tasks also
+    get the challenge's lesion-wise Dice and HD95 per region (``metrics/lesionwise.py``).
     """
     task = self.data.task if self.data.task in metrics_regions.REGIONS else None
     if task is None:
@@ -208,8 +210,14 @@ class Trainer:
       for s in range(0, len(x), 16):
         pred = np.asarray(self.predict(params, jnp.asarray(x[s:s + 16])))
         for p_i, t_i in zip(pred, y[s:s + 16]):
-          cases.append(metrics_regions.evaluate_case(p_i, np.asarray(t_i), spacing, task,
-                                                     metrics=('dice', 'hd95', 'nsd')))
+          t_i = np.asarray(t_i)
+          case = metrics_regions.evaluate_case(p_i, t_i, spacing, task,
+                                               metrics=('dice', 'hd95', 'nsd'))
+          if task in lesionwise.PRESETS:
+            for region, scores in lesionwise.lesionwise_case(p_i, t_i, spacing, task).items():
+              case[region].update(lesionwise_dice=scores['lesionwise_dice'],
+                                  lesionwise_hd95=scores['lesionwise_hd95'])
+          cases.append(case)
       if max_cases and len(cases) >= max_cases:
         break
     return metrics_regions.aggregate(cases)

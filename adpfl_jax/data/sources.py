@@ -158,6 +158,20 @@ def _site(site: str) -> str | None:
   return None if site == UNASSIGNED else site
 
 
+def _decode_raw(found: Sequence[Any], load_case: Callable, preprocess: Callable,
+                volume_shape: tuple[int, int, int],
+                target_spacing: tuple[float, float, float] | None) -> Callable[[int], Decoded]:
+  """Decoder of raw 3D case i: read its NIfTI files, resample, normalise, crop/pad."""
+
+  def decode(i: int) -> Decoded:
+    image, labels, spacing = load_case(found[i])
+    pre = preprocess(image, labels, spacing, target_spacing=target_spacing or spacing,
+                     shape=volume_shape)
+    return pre.image.astype(np.float32), pre.labels.astype(np.uint8), tuple(spacing)
+
+  return decode
+
+
 def read_kits23(root: pathlib.Path, volume_shape: tuple[int, int, int],
                 target_spacing: tuple[float, float, float] | None, site_csv: str) -> Source:
   """KiTS23 CT: `preprocess3d.preprocess_ct_case` at `target_spacing` (None: native) and shape."""
@@ -168,13 +182,8 @@ def read_kits23(root: pathlib.Path, volume_shape: tuple[int, int, int],
   found = kits23.scan(root, site_csv=csv_path, site_ranges=ranges, default_site=UNASSIGNED)
   cases = [Case(c.case_id, c.patient_id, _site(c.site), c.site, '') for c in found]
 
-  def decode(i: int) -> Decoded:
-    image, labels, spacing = kits23.load_case(found[i])
-    pre = preprocess3d.preprocess_ct_case(image, labels, spacing,
-                                          target_spacing=target_spacing or spacing,
-                                          shape=volume_shape)
-    return pre.image.astype(np.float32), pre.labels.astype(np.uint8), tuple(spacing)
-
+  decode = _decode_raw(found, kits23.load_case, preprocess3d.preprocess_ct_case, volume_shape,
+                       target_spacing)
   return Source(cases, _threaded(decode), target_spacing, _meta(root, 'raw', sites))
 
 
@@ -188,13 +197,8 @@ def read_brats2024(root: pathlib.Path, volume_shape: tuple[int, int, int],
   found = brats.scan(root, site_column=site_column, default_site=UNASSIGNED)
   cases = [Case(c.case_id, c.patient_id, _site(c.site), c.site, c.timepoint) for c in found]
 
-  def decode(i: int) -> Decoded:
-    image, labels, spacing = brats.load_case(found[i])
-    pre = preprocess3d.preprocess_mri_case(image, labels, spacing,
-                                           target_spacing=target_spacing or spacing,
-                                           shape=volume_shape)
-    return pre.image.astype(np.float32), pre.labels.astype(np.uint8), tuple(spacing)
-
+  decode = _decode_raw(found, brats.load_case, preprocess3d.preprocess_mri_case, volume_shape,
+                       target_spacing)
   return Source(cases, _threaded(decode), target_spacing,
                 _meta(root, 'raw', f'metadata column {site_column!r}'))
 

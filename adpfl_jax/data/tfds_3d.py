@@ -278,14 +278,30 @@ class _Seg3dBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
     self._prep = prep_config
     super().__init__(**kwargs)
 
+  # What a task's builder sets: its registered name, its reader and example function, the input
+  # channels, the extra string features beyond case/patient/site, and its info text.
+  TASK: str
+  EXAMPLE: Callable[[Any, Any], dict[str, Any]]
+  CHANNELS: int
+  EXTRA: tuple[str, ...] = ()
+  DESCRIPTION: str
+  HOMEPAGE: str
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        builder=self, description=self.DESCRIPTION,
+        features=make_features(self._prep.shape, self.CHANNELS, self.EXTRA),
+        homepage=self.HOMEPAGE, metadata=self._metadata())
+
   def _scan(self, data_dir: pathlib.Path) -> list[Any]:
-    raise NotImplementedError
+    return scan_cases(self.TASK, data_dir, self._prep)
 
   def _example(self, case: Any) -> dict[str, Any]:
-    raise NotImplementedError
+    return type(self).EXAMPLE(case, self._prep)
 
   def _record(self, case: Any) -> dict[str, str]:
-    return {'case_id': case.case_id, 'patient_id': case.patient_id, 'site': str(case.site)}
+    record = {'case_id': case.case_id, 'patient_id': case.patient_id, 'site': str(case.site)}
+    return dict(record, **{k: str(getattr(case, k)) for k in self.EXTRA})
 
   def _metadata(self) -> tfds.core.MetadataDict:
     return tfds.core.MetadataDict(
@@ -332,22 +348,12 @@ class Kits23Seg(_Seg3dBuilder, skip_registration=True):
   repository (or its `dataset/` folder) as `data_dir`; layout
   `dataset/case_XXXXX/{imaging,segmentation}.nii.gz`.
   """
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description='KiTS23 kidney/tumour/cyst CT segmentation (labels 0-3), preprocessed '
-                    'to a fixed shape.',
-        features=make_features(self._prep.shape, 1, ()),
-        homepage='https://kits-challenge.org/kits23/',
-        metadata=self._metadata(),
-    )
-
-  def _scan(self, data_dir: pathlib.Path) -> list[kits23.Kits23Case]:
-    return scan_cases('kits23_seg', data_dir, self._prep)
-
-  def _example(self, case: kits23.Kits23Case) -> dict[str, Any]:
-    return kits23_example(case, self._prep)
+  TASK = 'kits23_seg'
+  EXAMPLE = kits23_example
+  CHANNELS = 1
+  DESCRIPTION = ('KiTS23 kidney/tumour/cyst CT segmentation (labels 0-3), preprocessed to a '
+                 'fixed shape.')
+  HOMEPAGE = 'https://kits-challenge.org/kits23/'
 
 
 class Brats2024Seg(_Seg3dBuilder, skip_registration=True):
@@ -358,25 +364,13 @@ class Brats2024Seg(_Seg3dBuilder, skip_registration=True):
   Synapse, unzip into `data_dir` (folders training_data1_v2/,
   training_data_additional/), optionally with the metadata sheet as CSV.
   """
-
-  def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description='BraTS 2024 adult glioma post-treatment MRI (t1n, t1c, t2w, t2f), labels '
-                    '1 NETC, 2 SNFH, 3 ET, 4 RC, preprocessed to a fixed shape.',
-        features=make_features(self._prep.shape, 4, ('timepoint', 'release')),
-        homepage='https://www.synapse.org/brats2024',
-        metadata=self._metadata(),
-    )
-
-  def _scan(self, data_dir: pathlib.Path) -> list[brats.BratsCase]:
-    return scan_cases('brats2024_seg', data_dir, self._prep)
-
-  def _example(self, case: brats.BratsCase) -> dict[str, Any]:
-    return brats_example(case, self._prep)
-
-  def _record(self, case: brats.BratsCase) -> dict[str, str]:
-    return dict(super()._record(case), timepoint=case.timepoint, release=case.release)
+  TASK = 'brats2024_seg'
+  EXAMPLE = brats_example
+  CHANNELS = 4
+  EXTRA = ('timepoint', 'release')
+  DESCRIPTION = ('BraTS 2024 adult glioma post-treatment MRI (t1n, t1c, t2w, t2f), labels 1 NETC, '
+                 '2 SNFH, 3 ET, 4 RC, preprocessed to a fixed shape.')
+  HOMEPAGE = 'https://www.synapse.org/brats2024'
 
 
 _TASKS = {'kits23_seg': (Kits23Seg, Kits23Config), 'brats2024_seg': (Brats2024Seg, BratsConfig)}

@@ -42,26 +42,21 @@ _PARAMS = {
 }
 
 
-def _positive(params: Mapping[str, Any], key: str, kind: str) -> float:
+def _number(params: Mapping[str, Any], key: str, kind: str, count: bool) -> float | int:
+  """A positive finite number, or (``count``) an integer >= 1; errors name the kind and key."""
   value = params[key]
+  what = 'an integer' if count else 'a number'
   try:
     out = float(value)
   except (TypeError, ValueError) as err:
-    raise ValueError(f'schedule {kind!r}: param {key}={value!r} must be a number') from err
+    raise ValueError(f'schedule {kind!r}: param {key}={value!r} must be {what}') from err
+  if count:
+    if not out.is_integer() or out < 1:
+      raise ValueError(f'schedule {kind!r}: param {key}={value!r} must be an integer >= 1')
+    return int(out)
   if not (math.isfinite(out) and out > 0):
     raise ValueError(f'schedule {kind!r}: param {key}={value!r} must be finite and > 0')
   return out
-
-
-def _count(params: Mapping[str, Any], key: str, kind: str) -> int:
-  value = params[key]
-  try:
-    out = float(value)
-  except (TypeError, ValueError) as err:
-    raise ValueError(f'schedule {kind!r}: param {key}={value!r} must be an integer') from err
-  if not out.is_integer() or out < 1:
-    raise ValueError(f'schedule {kind!r}: param {key}={value!r} must be an integer >= 1')
-  return int(out)
 
 
 def validate_params(kind: str, params: Optional[Mapping[str, Any]] = None,
@@ -93,8 +88,7 @@ def validate_params(kind: str, params: Optional[Mapping[str, Any]] = None,
     raise ValueError(f'schedule {kind!r}: missing params {missing}; expected {list(expected)}')
   out: dict[str, Any] = {}
   for key in expected:
-    out[key] = (_count(params, key, kind) if key in ('every', 'rounds')
-                else _positive(params, key, kind))
+    out[key] = _number(params, key, kind, count=key in ('every', 'rounds'))
   return out
 
 
@@ -153,7 +147,7 @@ def jnp_schedule(kind: str, params: Optional[Mapping[str, Any]] = None,
 def noise_multipliers(kind: str, params: Optional[Mapping[str, Any]], scale: float,
                       rounds: int) -> np.ndarray:
   """σ_t = scale · shape(t) for t = 0 .. rounds − 1 (host, float64)."""
-  rounds = _count({'rounds': rounds}, 'rounds', kind)
+  rounds = _number({'rounds': rounds}, 'rounds', kind, count=True)
   return np_schedule(kind, validate_params(kind, params, rounds), scale)(np.arange(rounds))
 
 

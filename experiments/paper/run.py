@@ -53,7 +53,7 @@ def overlay(task, trainers, path):
   ys = data.test_y[k]
   i = int(np.argmax([np.count_nonzero(y) for y in ys]))
   x, y = data.test_x[k][i], ys[i]
-  preds = {m: np.asarray(t._predict_fn()(t.final_state.params, jnp.asarray(x[None])))[0]
+  preds = {m: np.asarray(t.predict(t.final_state.params, jnp.asarray(x[None])))[0]
            for m, t in trainers.items()}
   if x.ndim == 4:  # (z, y, x, c): the slice with most foreground
     z = int(np.argmax(np.count_nonzero(y.reshape(y.shape[0], -1), axis=1)))

@@ -2,6 +2,7 @@
 cases per task, so that the whole study runs in about a minute)."""
 
 import importlib.util
+import json
 import os
 import re
 
@@ -42,6 +43,11 @@ def test_smoke_study_fills_every_cell_and_draws_plots(tmp_path, monkeypatch):
         assert float(eps.split()[0]) <= 8.0 + 1e-9, row
     for png in (f'convergence_{task}.png', f'overlay_{task}.png'):
       assert (out / png).stat().st_size > 1000, png
+  # BraTS runs are also scored lesion-wise (the challenge's own metric), region by region.
+  summary = json.loads((out / 'brats2024' / 'dpfl' / 'seed_0' / 'summary.json').read_text())
+  for region, scores in summary['surface_metrics'].items():
+    assert 0.0 <= scores['lesionwise_dice'] <= 1.0, region
+    assert scores['lesionwise_hd95'] >= 0.0, region
 
 
 def test_overrides_are_typed_and_unknown_keys_named():
