@@ -26,7 +26,6 @@ federation as from the raw release, without decoding or resampling a single imag
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import pathlib
@@ -125,20 +124,18 @@ def _make_phantoms(args) -> int:
   for p in sorted(out.iterdir()):
     n = _count_files(p) if p.is_dir() else 0
     print(f'  {p.name}{"/" if p.is_dir() else ""}' + (f'  ({n} files)' if p.is_dir() else ''))
-  print(f'train on them: adpfl train --config=experiments/{args.task}.py:smoke '
+  print(f'train on them: adpfl train --config={args.task}:smoke '
         f'--config.data.dir={out} --workdir=WORKDIR')
   return 0
 
 
 def _config_data(spec: str, task: str) -> Any:
   """`config.data` of the experiment config `FILE[:ARG]` (its `get_config(ARG)`)."""
-  path, _, arg = spec.partition(':')
-  if not pathlib.Path(path).is_file():
-    raise UsageError(f'--config {path}: no such file')
-  module_spec = importlib.util.spec_from_file_location('adpfl_data_prepare_config', path)
-  module = importlib.util.module_from_spec(module_spec)
-  module_spec.loader.exec_module(module)
-  data = module.get_config(arg or None).data
+  from adpfl_jax.configs import loading  # pylint: disable=g-import-not-at-top
+  try:
+    data = loading.load(spec).data
+  except loading.ConfigLoadError as err:
+    raise UsageError(str(err)) from None
   if data.name != task:
     raise UsageError(f'--config {spec} is a {data.name!r} config (config.data.name), not {task!r}')
   return data

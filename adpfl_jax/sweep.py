@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from adpfl_jax import checkpointing
+from adpfl_jax.configs import identity
 from adpfl_jax import driver
 from adpfl_jax import train
 from adpfl_jax.data import federated as fed_data
@@ -88,7 +88,7 @@ def take_tree(tree, i: int):
 
 def group_key(trainer: train.Trainer) -> tuple:
   """What trials must share to be trained by one vmapped step (see the module docstring)."""
-  flat = checkpointing.flatten_config(checkpointing.config_dict(trainer.config))
+  flat = identity.flatten_config(identity.config_dict(trainer.config))
   static = {k: v for k, v in flat.items() if k not in VARYING_KEYS and k not in HOST_KEYS}
   shapes = jax.tree_util.tree_map(lambda a: (tuple(np.shape(a)), str(np.asarray(a).dtype)),
                                   trainer.initial_state)
@@ -289,7 +289,7 @@ def composed_epsilons(workdirs: Sequence[str], delta: float) -> list[float]:
 
   Each trial's ε covers that trial's releases alone. Trials of one sweep train on the same silos,
   so publishing several of them (a frontier) is a composition of all their mechanisms; with keys
-  and batches drawn from each trial's own identity (``checkpointing.run_identity``) the trials are
+  and batches drawn from each trial's own identity (``configs.identity.run_identity``) the trials are
   independent mechanisms and their ledgers compose. Composed with RDP (a sum of vectors: cheap for
   many distinct σ, and an upper bound); PLD when a ledger holds steps RDP cannot account.
   """

@@ -22,6 +22,7 @@ import numpy as np
 import tqdm
 
 from adpfl_jax import checkpointing
+from adpfl_jax.configs import identity
 from adpfl_jax import jsonio
 from adpfl_jax import losses
 from adpfl_jax import models
@@ -33,6 +34,7 @@ from adpfl_jax.federated import sampling
 from adpfl_jax.federated import server
 from adpfl_jax.metrics import dice as dice_lib
 from adpfl_jax.metrics import lesionwise
+from adpfl_jax.metrics import plots
 from adpfl_jax.metrics import regions as metrics_regions
 from adpfl_jax.metrics import writers
 from adpfl_jax.privacy import audit as audit_lib
@@ -41,8 +43,8 @@ from adpfl_jax.privacy import plan as plan_lib
 
 # Files a run writes into its workdir; a fresh start removes every one of them first, so outputs of
 # two different runs never mix.
-OUTPUTS = ('config.json', 'metrics.jsonl', 'summary.json', 'ledger.json', 'audit.json',
-           'audit_scores.npz', 'tensorboard', 'checkpoints')
+OUTPUTS = ('config.json', 'partition.json', 'metrics.jsonl', 'summary.json', 'ledger.json',
+           'audit.json', 'audit_scores.npz', 'plots', 'tensorboard', 'checkpoints')
 
 
 def regions_for(task: str, num_classes: int):
@@ -88,7 +90,7 @@ class Trainer:
     params = self.model.init(jax.random.key(config.seed))
     self.param_count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
     # The run's secret randomness (noise, batches, canaries) comes from (seed, identity).
-    self.set_identity(checkpointing.run_identity(config))
+    self.set_identity(identity.run_identity(config))
     self.controller = controller_lib.make(config.privacy, config.fed, self.data.sizes,
                                           self.plan.rates, self.plan.noise_scale,
                                           self.param_count)
@@ -264,7 +266,8 @@ class RunSession:
     self.round = int(state.round)
     self.t_start = time.time() - wall
     self.noise = np.asarray(t.round.noise(state.controller), np.float64)
-    self.tb = writers.TensorBoardWriter(t.workdir, purge_step=self.round + 1) \
+    self.tb = writers.TensorBoardWriter(t.workdir, purge_step=self.round + 1,
+                                        names=t.data.client_names) \
         if cfg.eval.tensorboard else None
     self.last_eval = _last_row(self.metrics_path, self.round)
     if self.round == 0:
@@ -275,25 +278,19 @@ class RunSession:
   def _start(self):
     t = self.trainer
     cfg = t.config
-    t.set_identity(checkpointing.run_identity(cfg))
+    t.set_identity(identity.run_identity(cfg))
     self.audit_scores = audit_lib.AuditScores(t.audit) if t.audit is not None else None
     cfg_path = os.path.join(t.workdir, 'config.json')
-    diff = []
-    if os.path.exists(cfg_path):
-      with open(cfg_path) as f:
-        saved = json.load(f)
-      diff = checkpointing.config_differences(saved, checkpointing.config_dict(cfg))
-      if diff and not cfg.checkpoint.force:
-        raise validation.ConfigError(
-            f'config.checkpoint: the workdir {t.workdir} holds a run with a different config; '
-            f'differing keys: {diff}. Use another --workdir, or --config.checkpoint.force=True '
-            'to resume anyway (the result is then not that of either config).')
+    try:
+      diff = identity.check_workdir(cfg, t.workdir)
+    except ValueError as err:
+      raise validation.ConfigError(str(err)) from None
     if self.every or os.path.isdir(os.path.join(t.workdir, 'checkpoints')):
       self.ckpt = checkpointing.Checkpointer(t.workdir, int(cfg.checkpoint.keep))
       got = self.ckpt.restore_latest(t.initial_state) if self.ckpt.steps() else None
       if got is not None:
         step, state, host = got
-        if host.get('config_hash') != checkpointing.config_hash(cfg) and not cfg.checkpoint.force:
+        if host.get('config_hash') != identity.config_hash(cfg) and not cfg.checkpoint.force:
           raise validation.ConfigError(
               f'config.checkpoint: the checkpoint of round {step} in {t.workdir} was written by a '
               'different config than the workdir\'s config.json; use another --workdir or '
@@ -343,6 +340,8 @@ class RunSession:
         os.remove(path)
     with open(cfg_path, 'w') as f:
       f.write(t.config.to_json_best_effort(indent=2, sort_keys=True))
+    if t.data.partition_summary:
+      jsonio.write(os.path.join(t.workdir, 'partition.json'), t.data.partition_summary, indent=2)
     if self.every:
       self.ckpt = checkpointing.Checkpointer(t.workdir, int(t.config.checkpoint.keep))
 
@@ -414,7 +413,7 @@ class RunSession:
   def host_state(self) -> dict:
     t = self.trainer
     host = {'plan': t.plan.host_state(), 'wall': time.time() - self.t_start,
-            'config_hash': checkpointing.config_hash(t.config), 'identity': str(t.identity)}
+            'config_hash': identity.config_hash(t.config), 'identity': str(t.identity)}
     if self.audit_scores is not None:
       host['audit'] = self.audit_scores.state()
     return host
@@ -519,6 +518,10 @@ class RunSession:
       summary['audit_consistent'] = audit['consistent']
     jsonio.write(os.path.join(t.workdir, 'summary.json'), summary, indent=2)
     jsonio.write(os.path.join(t.workdir, 'ledger.json'), t.plan.ledgers_json())
+    with open(self.metrics_path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
+    plots.plot_run(rows, os.path.join(t.workdir, 'plots'), t.data.client_names,
+                   t.plan.target_epsilon if t.plan.private else None)
     return summary
 
 

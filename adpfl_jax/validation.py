@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import jax
@@ -98,6 +99,9 @@ def validate(config) -> None:
   _check(0 < p.sparsity.fraction <= 1, 'privacy.sparsity.fraction', p.sparsity.fraction,
          'must be in (0, 1]')
   au = p.audit
+  if au.enabled:
+    _check(importlib.util.find_spec('jax_privacy') is not None, 'privacy.audit.enabled',
+           au.enabled, "needs jax-privacy's auditor: pip install 'adpfl_jax[audit]'")
   _check(au.canaries >= 1, 'privacy.audit.canaries', au.canaries, 'must be >= 1')
   _check(0 < au.significance < 0.5, 'privacy.audit.significance', au.significance,
          'must be in (0, 0.5)')
@@ -133,6 +137,9 @@ def validate(config) -> None:
            f'only {jax.device_count()} devices are visible')
   _choice(config, 'data.name', data_federated.DATASETS)
   if d.name == 'phantom_skin':
+    _check(not d.dir, 'data.dir', d.dir,
+           "is not read by data.name='phantom_skin' (the built-in phantom federation); use the "
+           "config of that folder's task (e.g. --config=kits23) or leave data.dir empty")
     _check(d.num_clients >= 1, 'data.num_clients', d.num_clients, 'must be >= 1')
     _check(d.examples_per_client >= 1, 'data.examples_per_client', d.examples_per_client,
            'must be >= 1')
@@ -155,6 +162,10 @@ def validate_data(config, data) -> None:
          f'the federation has only {k} clients')
   small = [i for i in range(k) if data.sizes[i] < 1]
   _check(not small, 'data', config.data.name, f'clients {small} have no training examples')
+  tiny = [data.client_names[i] for i in range(k) if data.sizes[i] < 2]
+  if tiny:
+    print(f'warning: silo(s) {", ".join(tiny)} hold a single training example: record-level DP '
+          'then protects that one example, and the silo learns almost nothing', flush=True)
   if p.mode == 'dp':
     n_min = int(data.sizes.min())
     _check(p.batch_size <= n_min, 'privacy.batch_size', p.batch_size,

@@ -29,26 +29,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
+from adpfl_jax.configs import loading  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from adpfl_jax import train  # noqa: E402
 from adpfl_jax.privacy import clipping  # noqa: E402
-
-
-def load_config(path: str, overrides: list[str]):
-  cfg = config_flags.config_flags._LoadConfigModule('cfg', path.split(':')[0])  # noqa: SLF001
-  arg = path.split(':', 1)[1] if ':' in path else None
-  config = cfg.get_config(arg) if arg else cfg.get_config()
-  config.unlock()
-  for item in overrides:
-    key, value = item.split('=', 1)
-    node = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      node = node[p]
-    node[leaf] = type(node[leaf])(value)
-  return config
 
 
 def time_fn(fn, reps: int):
@@ -90,7 +75,7 @@ def main(argv=None):
   ap.add_argument('--json', action='store_true')
   args = ap.parse_args(argv)
 
-  base = load_config(args.config, args.set)
+  base = loading.load(args.config, args.set)
   print(f'devices: {jax.devices()}', flush=True)
   results, compile_s = {}, {}
   trainer = None
@@ -98,7 +83,7 @@ def main(argv=None):
     if name == 'sharded' and jax.device_count() < 2:
       print('sharded: skipped (one device)')
       continue
-    cfg = load_config(args.config, args.set)
+    cfg = loading.load(args.config, args.set)
     cfg.fed.backend = name
     trainer = train.Trainer(cfg, '/tmp/adpfl_bench', data=trainer.data if trainer else None)
     state = trainer.initial_state

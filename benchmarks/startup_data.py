@@ -38,11 +38,8 @@ SETTINGS = {'full': None, 'smoke': 'smoke'}
 
 
 def _config(arg):
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location('kits23', REPO / 'experiments' / 'kits23.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  from adpfl_jax.configs import loading  # pylint: disable=g-import-not-at-top
+  return loading.load('kits23' + (f':{arg}' if arg else ''))
 
 
 def _child(setting: str, data_dir: str) -> None:

@@ -24,7 +24,6 @@ trials by one round. With ``--json`` the last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -41,17 +40,14 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 from adpfl_jax import driver  # noqa: E402
 from adpfl_jax import sweep  # noqa: E402
+from adpfl_jax.configs import loading  # noqa: E402
 from adpfl_jax.data import federated  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..')
 
 
 def _compare_module():
-  spec = importlib.util.spec_from_file_location(
-      'adpfl_compare', os.path.join(ROOT, 'experiments', 'compare.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return loading.module(os.path.join(ROOT, 'experiments', 'compare.py'))
 
 
 def make_configs(args) -> list:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -48,33 +47,8 @@ COLUMNS = ('method', 'epsilon_target', 'seed', 'dice', 'epsilon_spent')
 
 def load_compare():
   """``experiments/compare.py`` as a module (experiments/ is not a package)."""
-  spec = importlib.util.spec_from_file_location('adpfl_experiments_compare',
-                                                os.path.join(HERE, 'compare.py'))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def apply_overrides(config, overrides) -> None:
-  """``key.path=value`` overrides, converted to the type of the existing value."""
-  for item in overrides:
-    key, eq, value = item.partition('=')
-    if not eq:
-      raise ValueError(f'--set {item!r}: expected key=value')
-    node = config
-    *parents, leaf = key.split('.')
-    try:
-      for p in parents:
-        node = node[p]
-      old = node[leaf]
-    except KeyError as e:
-      raise ValueError(f'--set {item!r}: config has no key {key!r}') from e
-    if isinstance(old, bool):
-      if value.lower() not in ('true', 'false', '1', '0'):
-        raise ValueError(f'--set {item!r}: {key} is a bool (True/False)')
-      node[leaf] = value.lower() in ('true', '1')
-    else:
-      node[leaf] = type(old)(value)
+  from adpfl_jax.configs import loading  # pylint: disable=g-import-not-at-top
+  return loading.module(os.path.join(HERE, 'compare.py'))
 
 
 def workdir_of(out: str, method: str, epsilon: float, seed: int) -> str:
@@ -85,7 +59,7 @@ def workdir_of(out: str, method: str, epsilon: float, seed: int) -> str:
 
 def finished_summary(workdir: str, config):
   """The summary of a finished trial with the same config, or None."""
-  from adpfl_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from adpfl_jax.configs import identity  # pylint: disable=g-import-not-at-top
   try:
     with open(os.path.join(workdir, 'summary.json')) as f:
       summary = json.load(f)
@@ -93,7 +67,7 @@ def finished_summary(workdir: str, config):
       saved = json.load(f)
   except (OSError, ValueError):
     return None
-  if checkpointing.config_differences(saved, checkpointing.config_dict(config)):
+  if identity.config_differences(saved, identity.config_dict(config)):
     return None
   return summary
 
@@ -201,11 +175,12 @@ def main(argv=None):
 
   from adpfl_jax import sweep  # pylint: disable=g-import-not-at-top
   from adpfl_jax.data import federated  # pylint: disable=g-import-not-at-top
+  from adpfl_jax.configs import loading  # pylint: disable=g-import-not-at-top
   compare = load_compare()
 
   def make(method, seed):
     c = compare.get_config(f'method={method},seed={seed}' + (',smoke' if args.smoke else ''))
-    apply_overrides(c, args.set)
+    loading.apply_overrides(c, args.set)
     return c
 
   methods = list(args.methods) + ([] if args.no_reference else [REFERENCE])

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import logging
 import os
 import pathlib
 import re
@@ -65,7 +64,6 @@ GLI_POSTOP_SHAPE = (182, 218, 182)
 _CASE_2024_RE = re.compile(r'^BraTS-GLI-(\d{5})-(\d{3})$')
 _CASE_2021_RE = re.compile(r'^BraTS2021_(\d{5})$')
 
-_log = logging.getLogger(__name__)
 
 
 class BratsError(ValueError):
@@ -286,8 +284,8 @@ def scan(
         metadata=row,
     )
   if unlabeled:
-    _log.info('BraTS: skipped %d case(s) without a -seg file: %s', len(unlabeled),
-              ', '.join(unlabeled[:20]) + (' ...' if len(unlabeled) > 20 else ''))
+    print(f'note: BraTS: skipped {len(unlabeled)} case(s) without a -seg file: '
+          + ', '.join(unlabeled[:20]) + (' …' if len(unlabeled) > 20 else ''), flush=True)
   if not cases:
     raise BratsError(
         f'No labelled BraTS case folders (BraTS-GLI-PPPPP-TTT/ or BraTS2021_XXXXX/) found in '

@@ -37,7 +37,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import logging
 import os
 import pathlib
 import re
@@ -240,7 +239,8 @@ def _scan_ham10000(root: pathlib.Path, strict: bool) -> list[Record]:
   rows = read_metadata(meta_path)
   has_site = bool(rows) and 'dataset' in rows[0]
   if not has_site:
-    logging.info('%s has no "dataset" column: natural sites are unavailable.', meta_path)
+    print(f'note: {meta_path} has no "dataset" column: natural sites are unavailable.',
+          flush=True)
   records, seen = [], set()
   for i, row in enumerate(rows, start=1):
     image_id = row['image_id'].upper()

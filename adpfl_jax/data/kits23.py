@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
-import logging
 import os
 import pathlib
 import re
@@ -48,7 +47,6 @@ SITE_CSV = 'anony_sites.csv'
 
 _CASE_RE = re.compile(r'^case_(\d{5})$')
 
-_log = logging.getLogger(__name__)
 
 
 class Kits23Error(ValueError):
@@ -195,6 +193,10 @@ def site_source(
   return None, PHASE_SITE_RANGES, 'contrast phase by case number (no case,site_id CSV)'
 
 
+def _some(names, limit: int = 20) -> str:
+  return ', '.join(names[:limit]) + (' …' if len(names) > limit else '')
+
+
 def scan(
     data_dir: PathLike,
     *,
@@ -250,12 +252,11 @@ def scan(
         )
     )
   if no_seg:
-    _log.info('KiTS23: skipped %d case(s) without segmentation.nii.gz in %s: %s',
-              len(no_seg), dataset_dir, ', '.join(no_seg))
+    print(f'note: KiTS23: skipped {len(no_seg)} case(s) without segmentation.nii.gz in '
+          f'{dataset_dir}: {_some(no_seg)}', flush=True)
   if no_img:
-    _log.warning('KiTS23: skipped %d case(s) without imaging.nii.gz in %s (download the '
-                 'images with kits23_download_data): %s', len(no_img), dataset_dir,
-                 ', '.join(no_img))
+    print(f'note: KiTS23: skipped {len(no_img)} case(s) without imaging.nii.gz in {dataset_dir} '
+          f'(download the images with kits23_download_data): {_some(no_img)}', flush=True)
   if not cases:
     raise Kits23Error(
         f'No usable KiTS23 case in {dataset_dir}: {len(no_seg)} without segmentation, '

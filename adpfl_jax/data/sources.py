@@ -30,9 +30,11 @@ import concurrent.futures
 import dataclasses
 import os
 import pathlib
+import sys
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import tqdm
 
 from adpfl_jax.data import brats
 from adpfl_jax.data import ham10000
@@ -100,10 +102,17 @@ def _threaded(fn: Callable[[int], Decoded]) -> Callable[[Sequence[int], int], li
   """`read` that maps `fn` over the indices, on `num_workers` threads if > 0."""
 
   def read(indices: Sequence[int], num_workers: int) -> list[Decoded]:
-    if num_workers > 0 and len(indices) > 1:
-      with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
-        return list(pool.map(fn, indices))
-    return [fn(i) for i in indices]
+    # A progress bar once decoding takes more than a second (3D cases take a while each).
+    with tqdm.tqdm(total=len(indices), desc='decoding cases', unit='case', delay=1.0,
+                   file=sys.stdout) as bar:
+      def one(i: int) -> Decoded:
+        out = fn(i)
+        bar.update(1)
+        return out
+      if num_workers > 0 and len(indices) > 1:
+        with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+          return list(pool.map(one, indices))
+      return [one(i) for i in indices]
 
   return read
 

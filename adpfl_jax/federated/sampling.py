@@ -5,7 +5,7 @@ run replays exactly and can be resumed from any round. The plan is data-independ
 the public, configured client sizes only. Which clients take part is public (the guarantee is per
 record inside a silo); which *examples* a step uses is secret randomness of the DP mechanism, so
 Poisson batches are drawn from the run's ``entropy`` = ``(seed, identity)``, where ``identity``
-(``checkpointing.run_identity``) hashes the whole training config: two runs that differ in
+(``configs.identity.run_identity``) hashes the whole training config: two runs that differ in
 anything (e.g. sweep trials of one seed at several ε) never share their batches.
 
 Poisson sampling inside a client is realised as fixed-size padded index arrays plus masks (static

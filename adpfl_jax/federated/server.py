@@ -58,7 +58,7 @@ def init_state(params: PyTree, tx: optax.GradientTransformation,
                controller: controller_lib.Controller, seed: int,
                identity: int = 0) -> ServerState:
   """Round 0. The noise key is derived from ``(seed, identity)``: runs that differ in anything
-  (``checkpointing.run_identity``) draw independent noise even with the same seed."""
+  (``configs.identity.run_identity``) draw independent noise even with the same seed."""
   key = jax.random.key(seed)
   for word in (identity >> 32, identity & 0xFFFFFFFF):
     key = jax.random.fold_in(key, word)

@@ -11,9 +11,11 @@ import jax
 class TensorBoardWriter:
   """Scalars of every evaluation row to ``<workdir>/tensorboard`` (tensorboardX event files)."""
 
-  def __init__(self, workdir: str, purge_step: int | None = None):
+  def __init__(self, workdir: str, purge_step: int | None = None, names=None):
     """``purge_step``: a resumed run drops the events it logged at or after this step before it
-    was interrupted (they are logged again), so curves never hold two copies of a round."""
+    was interrupted (they are logged again), so curves never hold two copies of a round.
+    ``names``: the silos' names, used as tags of per-silo values (``epsilon_per_client/site_0``)."""
+    self._names = list(names) if names is not None else None
     self._writer = None
     if jax.process_index() != 0:
       return
@@ -36,9 +38,10 @@ class TensorBoardWriter:
           if isinstance(v, (int, float)) and math.isfinite(v):
             self._writer.add_scalar(f'{key}/{sub}', v, step)
       elif isinstance(value, list) and value and all(isinstance(v, (int, float)) for v in value):
-        for i, v in enumerate(value):
+        tags = self._names if self._names and len(self._names) == len(value) else range(len(value))
+        for tag, v in zip(tags, value):
           if math.isfinite(v):
-            self._writer.add_scalar(f'{key}/{i}', v, step)
+            self._writer.add_scalar(f'{key}/{tag}', v, step)
     self._writer.flush()
 
   def close(self) -> None:

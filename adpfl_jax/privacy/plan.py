@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 
 import numpy as np
 
@@ -171,7 +172,13 @@ class PrivacyPlan:
       cache: dict = {}
       for i, silo in enumerate(plan.silos):
         if silo not in cache:
+          t0 = time.time()
           cache[silo] = calibration.calibrate(silo, plan.target_epsilon, plan.delta)
+          if config.log.progress:
+            print(f'  calibrated the noise of silo {i} (q = {silo.sampling_rate:.4g}, '
+                  f'{len(silo.rounds) * silo.steps_per_round} steps, {plan.accountant}): scale '
+                  f'{cache[silo]:.4f} for ε = {plan.target_epsilon:g} [{time.time() - t0:.1f} s]',
+                  flush=True)
         plan.noise_scale[i] = cache[silo]
     else:
       # The device computes z in float32; round the scale up so the noise is never below plan.
@@ -347,9 +354,14 @@ class PrivacyPlan:
       if planned or same_config:
         continue
       remaining = [r for r in self.silos[k].rounds if r >= round_]
+      spent = self._epsilon_of(history) if history else 0.0
+      if spent > self.target_epsilon:
+        raise ValueError(
+            f'config.privacy.target_epsilon={self.target_epsilon}: the checkpoint resumed at '
+            f'round {round_} has already spent ε={spent:.4f} of silo {k}, above this target; '
+            'resume with its own target or use another --workdir')
       if not remaining:
         continue
-      spent = self._epsilon_of(history) if history else 0.0
       if spent >= self.target_epsilon * (1 - 1e-3):
         raise ValueError(
             f'config.privacy.target_epsilon={self.target_epsilon}: the checkpoint resumed at '

@@ -13,22 +13,15 @@ the real layout when ``data.dir`` is empty, ``DATA_DIR=...`` for real data) and 
   folded into the same total σ), a public decaying σ schedule calibrated to the same (ε, δ).
 """
 
-import importlib.util
-import os
-
 from adpfl_jax.configs import common
+from adpfl_jax.configs import loading
 
 TASKS = ('ham10000', 'kits23', 'brats2024')
 METHODS = ('npfl', 'dpfl', 'adpfl')
-_HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def task_config(task: str, smoke: bool):
-  path = os.path.join(_HERE, '..', f'{task}.py')
-  spec = importlib.util.spec_from_file_location(f'adpfl_experiment_{task}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config('smoke' if smoke else None)
+  return loading.load(f'{task}:smoke' if smoke else task)
 
 
 def apply_method(c, method: str):

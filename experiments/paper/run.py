@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import config as paper  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from adpfl_jax import studies  # noqa: E402
+from adpfl_jax.configs import loading  # noqa: E402
 
 LABELS = {'npfl': 'NP-FL', 'dpfl': 'DP-FL', 'adpfl': 'ADP-FL'}
 
@@ -84,27 +85,8 @@ def _parse_override(item):
 
 
 def apply_overrides(c, overrides):
-  """Sets ``key=value`` pairs (value converted to the key's type); an unknown key is named."""
-  if not overrides:
-    return c
-  c.unlock()
-  for key, value in overrides:
-    node = c
-    *parents, leaf = key.split('.')
-    try:
-      for part in parents:
-        node = node[part]
-      old = node[leaf]
-    except KeyError:
-      raise SystemExit(f'--set {key}={value}: config has no key {key!r}') from None
-    if isinstance(old, bool):
-      node[leaf] = value.lower() in ('1', 'true', 'yes', 'y')
-    elif isinstance(old, (tuple, list)):
-      node[leaf] = type(old)(type(old[0])(v) for v in value.split(',')) if old else ()
-    else:
-      node[leaf] = type(old)(value)
-  c.lock()
-  return c
+  """Sets ``(key, value)`` pairs, typed like the key's value; an unknown key is named."""
+  return loading.apply_overrides(c, overrides)
 
 
 def main(argv=None):

@@ -247,7 +247,7 @@ def test_prepare_takes_the_preprocessing_keys_of_a_config(tmp_path, capsys):
     ('kits23', [], '--shape (or --config with a non-empty config.data.volume_shape) is required'),
     ('kits23', ['--shape', '4,8,8'], '--target-spacing (or --config with a non-empty'),
     ('ham10000', [], '--image-size (or --config with a non-empty config.data.image_size)'),
-    ('kits23', ['--config', 'nowhere.py'], '--config nowhere.py: no such file'),
+    ('kits23', ['--config', 'nowhere.py'], '--config=nowhere.py: no such file'),
     ('kits23', ['--config', str(REPO / 'experiments' / 'brats2024.py')],
      "is a 'brats2024' config (config.data.name), not 'kits23'"),
 ])

@@ -1,7 +1,6 @@
 """Tests for the NIfTI I/O, the KiTS23 reader, CT preprocessing and the CT phantom."""
 
 import gzip
-import logging
 import pathlib
 import struct
 
@@ -146,13 +145,13 @@ def test_site_ranges_phase_split(tmp_path):
   assert [c.site for c in cases] == ['arterial', 'arterial', 'nephrogenic']
 
 
-def test_case_without_segmentation_is_skipped_with_notice(tmp_path, caplog):
+def test_case_without_segmentation_is_skipped_with_a_visible_notice(tmp_path, capsys):
   phantoms3d.write_kits23_phantoms(tmp_path, cases=2, sites=1, shape=TINY)
   (tmp_path / 'dataset' / 'case_00001' / 'segmentation.nii.gz').unlink()
-  with caplog.at_level(logging.INFO, logger='adpfl_jax.data.kits23'):
-    cases = kits23.scan(tmp_path)
+  capsys.readouterr()
+  cases = kits23.scan(tmp_path)
   assert [c.case_id for c in cases] == ['case_00000']
-  assert 'case_00001' in caplog.text
+  assert 'note: KiTS23: skipped 1 case(s)' in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------- errors

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from adpfl_jax import checkpointing
+from adpfl_jax.configs import identity
 
 _COMPARE = os.path.join(os.path.dirname(__file__), '..', '..', 'experiments', 'compare.py')
 
@@ -18,7 +18,7 @@ def _compare():
 
 
 def _flat(config):
-  return checkpointing.flatten_config(checkpointing.config_dict(config))
+  return identity.flatten_config(identity.config_dict(config))
 
 
 def test_methods_share_everything_but_the_privacy_settings():

@@ -58,5 +58,5 @@ def test_overrides_are_typed_and_unknown_keys_named():
   c = run.apply_overrides(c, [('fed.rounds', '3'), ('privacy.calibrate', 'false'),
                               ('privacy.delta', '1e-6')])
   assert (c.fed.rounds, c.privacy.calibrate, c.privacy.delta) == (3, False, 1e-6)
-  with pytest.raises(SystemExit, match='fed.roundz'):
+  with pytest.raises(ValueError, match='fed.roundz'):
     run.apply_overrides(c, [('fed.roundz', '3')])

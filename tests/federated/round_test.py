@@ -115,6 +115,7 @@ def test_dp_run_releases_nothing_unnoised_by_default(tiny_data, tmp_path, tiny_c
         expected_per_round)
   tags = _tensorboard_tags(tmp_path / 'dp')
   assert 'dice' in tags and not [t for t in tags if 'train_loss' in t or t == 'examples']
+  assert 'epsilon_per_client/site_0' in tags  # per-silo tags carry the site names
   # The raw loss only on request, and then flagged.
   cfg = tiny_config(**{'log.raw_train_loss': True})
   train.Trainer(cfg, str(tmp_path / 'raw'), data=tiny_data).run()
