@@ -12,6 +12,11 @@ client participation and Poisson batches are pure functions of ``(seed, round)``
 are ``fold_in(key, round)``. Orbax writes each step into a temporary directory and renames it when
 complete, so a kill during a save leaves the previous checkpoint as the latest; a checkpoint that
 fails to restore (truncated, corrupt) is skipped with a warning and the previous one is used.
+
+In a multi-process run (``distributed.py``) every process calls ``save`` and ``restore`` together:
+the state is saved as global arrays replicated over the global mesh (orbax writes each array once
+and synchronises the processes) and restored onto that mesh; the JSON item is written by process 0.
+The workdir must be on a file system every process sees.
 """
 
 from __future__ import annotations
@@ -24,10 +29,18 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-class Checkpointer:
-  """Saves and restores ``(state, host)`` under ``workdir/checkpoints``."""
+from adpfl_jax import distributed
 
-  def __init__(self, workdir: str, keep: int = 3):
+
+class Checkpointer:
+  """Saves and restores ``(state, host)`` under ``workdir/checkpoints``.
+
+  ``sharding``: with several processes, the replicated sharding over the global mesh the state is
+  saved from and restored to (None: one process, host arrays).
+  """
+
+  def __init__(self, workdir: str, keep: int = 3, sharding=None):
+    self.sharding = sharding
     self.directory = os.path.abspath(os.path.join(workdir, 'checkpoints'))
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
                                            cleanup_tmp_directories=True)
@@ -35,7 +48,8 @@ class Checkpointer:
                                          item_names=('state', 'host'))
 
   def save(self, round_: int, state, host: dict, *, force: bool = False) -> None:
-    state = jax.device_get(state)
+    state = jax.device_get(state) if self.sharding is None else distributed.put(
+        distributed.to_host(state), self.sharding)
     self.manager.save(round_, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), host=ocp.args.JsonSave(_jsonable(host))),
                       force=force)
@@ -51,10 +65,15 @@ class Checkpointer:
     """Restores the newest readable checkpoint (older ones if the newest is damaged)."""
     for step in reversed(self.steps()):
       try:
-        abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+        if self.sharding is None:
+          abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+        else:
+          abstract = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(
+              np.shape(a), np.asarray(a).dtype, sharding=self.sharding), template)
         got = self.manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(abstract), host=ocp.args.JsonRestore()))
-        return step, got['state'], got['host']
+        state = got['state'] if self.sharding is None else distributed.to_host(got['state'])
+        return step, state, got['host']
       except Exception as err:  # pylint: disable=broad-except
         msg = (f'checkpoint {os.path.join(self.directory, str(step))} could not be restored '
                f'({type(err).__name__}: {str(err)[:200]}); falling back to the previous one')

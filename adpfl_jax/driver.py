@@ -30,30 +30,46 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from adpfl_jax import distributed
+from adpfl_jax.federated import backends
+
 
 class SingleExecutor:
-  """Runs one session's rounds with its ``FederatedRound.apply``."""
+  """Runs one session's rounds with its ``FederatedRound.apply``.
+
+  In a multi-process run (``distributed.py``) data, state and each round's inputs are global
+  arrays replicated over the global mesh, so ``apply`` is one SPMD step across the processes
+  (the ``sharded`` backend splits the clients over every process's devices).
+  """
 
   def __init__(self, trainer):
     self.trainer = trainer
+    self.sharding = None
+    if distributed.is_multiprocess():
+      self.sharding = distributed.replicated(trainer.mesh or backends.make_mesh())
+
+  def _put(self, tree):
+    return tree if self.sharding is None else distributed.put(tree, self.sharding)
 
   def place(self, data_x, data_y):
+    if self.sharding is not None:
+      return self._put((data_x, data_y))
     return jnp.asarray(data_x), jnp.asarray(data_y)
 
   def stack(self, states):
     (state,) = states
-    return state
+    return state if self.sharding is None else self._put(distributed.to_host(state))
 
   def step(self, state, live, data_x, data_y, inputs):
     del live  # one session: the driver only calls step while it is live
-    state, out = self.trainer.round.apply(state, data_x, data_y, inputs[0])
+    state, out = self.trainer.round.apply(state, data_x, data_y, self._put(inputs[0]))
     return state, [out]
 
   def outputs(self, outs):
-    return jax.device_get(outs)
+    return distributed.to_host(outs)
 
   def fetch(self, state):
-    return [jax.device_get(state)]
+    return [distributed.to_host(state)]
 
 
 def run(trainers: Sequence, executor=None, *, progress: bool | None = None) -> list[dict]:
@@ -100,7 +116,8 @@ def run(trainers: Sequence, executor=None, *, progress: bool | None = None) -> l
       for s, p, out, on in zip(sessions, plans, outs, live):
         if on:
           s.record(p, out, seconds)
-      stop = interrupted.set
+      # Every process stops after the same round (a signal may reach only some of them).
+      stop = distributed.any_process(interrupted.set)
       hosts = None
       for i, (s, on) in enumerate(zip(sessions, live)):
         if on and s.wants_host(stop):

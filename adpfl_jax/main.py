@@ -29,6 +29,10 @@ Trains one federated run and writes its outputs into DIR (a rerun resumes it).
   --config.KEY=VALUE      override any config key, e.g. --config.privacy.target_epsilon=4
   --show_config           print the resolved config, every key with its meaning, and exit
   --debug                 show tracebacks instead of one-line errors
+  --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+                          one run over N processes (jax.distributed; every process gets the
+                          same command with its own --process_id); only process 0 writes DIR
+  --distributed           the same, with the cluster detected by JAX (e.g. inside srun)
   -v, --verbosity=N       log level of absl/orbax messages (default: warnings only)
 
 Every key and its meaning: adpfl train --config=quickstart --show_config
@@ -50,12 +54,14 @@ def _version() -> str:
 def parse_train_args(argv):
   """``--config``, ``--workdir``, ``--config.KEY=VALUE`` overrides and switches."""
   out = {'config': None, 'workdir': None, 'overrides': [], 'show_config': False,
-         'debug': False, 'verbosity': None, 'help': False}
+         'debug': False, 'verbosity': None, 'help': False, 'coordinator_address': None,
+         'num_processes': None, 'process_id': None, 'distributed': False}
+  cluster_flags = ('--coordinator_address', '--num_processes', '--process_id')
   args = list(argv)
   while args:
     arg = args.pop(0)
     name, eq, value = arg.partition('=')
-    takes_value = name in ('--config', '--workdir', '--verbosity', '-v') or (
+    takes_value = name in ('--config', '--workdir', '--verbosity', '-v') + cluster_flags or (
         name.startswith('--config.'))
     if takes_value and not eq:
       if not args:
@@ -75,6 +81,10 @@ def parse_train_args(argv):
       out['debug'] = True
     elif name in ('--verbosity', '-v'):
       out['verbosity'] = value
+    elif name in cluster_flags:
+      out[name[2:]] = value
+    elif name == '--distributed':
+      out['distributed'] = True
     else:
       raise UsageError(f'unknown argument {arg!r} (adpfl train --help lists the flags)')
   return out
@@ -95,8 +105,9 @@ def _train(argv) -> int:
   workdir = args['workdir']
   if not workdir:
     raise UsageError('--workdir is required')
+  cluster = _join_cluster(args)
   t0 = time.time()
-  print(f'adpfl train: {args["config"]} → {workdir}', flush=True)
+  print(f'adpfl train: {args["config"]} → {workdir}{cluster}', flush=True)
   from adpfl_jax.configs import identity  # pylint: disable=g-import-not-at-top
   if identity.check_workdir(config, workdir):
     print('  the workdir holds another config; resuming anyway (checkpoint.force)', flush=True)
@@ -110,6 +121,28 @@ def _train(argv) -> int:
   if summary['stopped_reason'].startswith('interrupted'):
     return 130
   return 0
+
+
+def _join_cluster(args) -> str:
+  """Joins a jax.distributed cluster when the flags ask for one (before any other JAX use).
+
+  Returns a note for the first line. Processes other than 0 print nothing after it (process 0
+  reports the run and writes every output).
+  """
+  names = ('coordinator_address', 'num_processes', 'process_id', 'distributed')
+  if not any(args[k] for k in names):
+    return ''  # one process: JAX is imported later, after the first line
+  from adpfl_jax import distributed  # pylint: disable=g-import-not-at-top
+  kwargs = distributed.parse_flags({k: args[k] for k in names})
+  if not distributed.initialize(kwargs):
+    return ''
+  import jax  # pylint: disable=g-import-not-at-top
+  note = (f' [process {jax.process_index()} of {jax.process_count()}, '
+          f'{jax.local_device_count()} of {jax.device_count()} devices]')
+  if not distributed.is_lead():
+    print(f'adpfl train: {args["config"]}{note}: outputs are written by process 0', flush=True)
+    sys.stdout = open(os.devnull, 'w')  # pylint: disable=consider-using-with
+  return note
 
 
 def _quiet_logs(verbosity) -> None:

@@ -54,6 +54,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from adpfl_jax.configs import identity
+from adpfl_jax import distributed
 from adpfl_jax import driver
 from adpfl_jax import train
 from adpfl_jax.data import federated as fed_data
@@ -118,10 +119,16 @@ def resolve_trial_axis(trial_axis: str, platform: str | None = None) -> str:
 
 def trial_mesh(lead: train.Trainer, num_trials: int) -> Mesh | None:
   """A 1-D ``trials`` mesh over the visible devices, or None (one device, one trial per
-  device not possible, or the ``sharded`` client backend, which already uses the devices)."""
+  device not possible, or the ``sharded`` client backend, which already uses the devices).
+
+  With several processes the mesh spans every device of the cluster (a step must run on all of
+  them); the group pads its trial axis with frozen trials to fill it.
+  """
   devices = jax.devices()
   if len(devices) < 2 or num_trials < 2 or lead.backend == 'sharded':
     return None
+  if distributed.is_multiprocess():
+    return Mesh(np.array(devices), ('trials',))
   return Mesh(np.array(devices[:num_trials]), ('trials',))
 
 
@@ -175,15 +182,20 @@ class GroupExecutor:
     self.pad = (-self.n) % self.mesh.devices.size if self.mesh is not None else 0
     self._step = make_group_step(lead, trial_axis, self.mesh)
     self._put = lambda tree: tree
+    self._shared = None  # where the data go (None: default device)
     if self.mesh is not None:
       # With a mesh, place every argument as the step expects it (else it compiles twice).
-      self._put = lambda tree: jax.device_put(tree, NamedSharding(self.mesh, P('trials')))
+      self._put = lambda tree: distributed.put(tree, NamedSharding(self.mesh, P('trials')))
+      self._shared = NamedSharding(self.mesh, P())
+    elif distributed.is_multiprocess():
+      # Clients sharded over the global mesh: every argument replicated on it.
+      self._shared = distributed.replicated(lead.mesh or backends.make_mesh())
+      self._put = lambda tree: distributed.put(tree, self._shared)
 
   def place(self, data_x, data_y):
-    data = (jnp.asarray(data_x), jnp.asarray(data_y))
-    if self.mesh is not None:
-      data = jax.device_put(data, NamedSharding(self.mesh, P()))
-    return data
+    if self._shared is not None:
+      return distributed.put((data_x, data_y), self._shared)
+    return jnp.asarray(data_x), jnp.asarray(data_y)
 
   def stack(self, states):
     return self._put(stack_trees(list(states) + [states[0]] * self.pad))
@@ -194,12 +206,12 @@ class GroupExecutor:
     return self._step(states, self._put(jnp.asarray(live)), data_x, data_y, stacked)
 
   def outputs(self, outs):
-    outs = jax.device_get(outs)
+    outs = distributed.to_host(outs)
     return [jax.tree_util.tree_map(lambda a, i=i: np.asarray(a)[i], outs)
             for i in range(self.n)]
 
   def fetch(self, states):
-    host = jax.device_get(states)
+    host = distributed.to_host(states)
     return [take_tree(host, i) for i in range(self.n)]
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import tqdm
 
 from adpfl_jax import checkpointing
+from adpfl_jax import distributed
 from adpfl_jax.configs import identity
 from adpfl_jax import jsonio
 from adpfl_jax import losses
@@ -98,6 +99,10 @@ class Trainer:
     self.mesh = None
     if self.backend == 'sharded':
       self.mesh = backends.make_mesh(int(config.fed.num_devices) or None)
+    # Several processes: checkpoints hold global arrays replicated over the global mesh.
+    self.ckpt_sharding = None
+    if distributed.is_multiprocess():
+      self.ckpt_sharding = distributed.replicated(self.mesh or backends.make_mesh())
     self.client_cfg = client_lib.ClientConfig(
         loss_fn=loss_fn, private=self.plan.private, mechanism=config.privacy.mechanism,
         momentum=float(config.fed.client_momentum),
@@ -243,12 +248,15 @@ class RunSession:
   *different* config is refused, naming the differing keys, unless ``checkpoint.force``; a fresh
   start removes every earlier output first (``OUTPUTS``). The driver then calls, per round:
   ``plan_round`` → ``budget_stop`` → (device) → ``record`` → ``wants_host`` → ``after_round``;
-  at the end ``finish``.
+  at the end ``finish``. In a multi-process run every process keeps the same session (the host
+  work is a pure function of the config and the round); only process 0 writes files
+  (``self.lead``), and all processes write checkpoints together.
   """
 
   def __init__(self, trainer: Trainer, *, checkpoints: bool = True):
     self.trainer = t = trainer
     cfg = t.config
+    self.lead = distributed.is_lead()
     os.makedirs(t.workdir, exist_ok=True)
     self.every = int(cfg.checkpoint.every_rounds) if checkpoints else 0
     self.rounds = int(cfg.fed.rounds)
@@ -268,7 +276,7 @@ class RunSession:
     self.noise = np.asarray(t.round.noise(state.controller), np.float64)
     self.tb = writers.TensorBoardWriter(t.workdir, purge_step=self.round + 1,
                                         names=t.data.client_names) \
-        if cfg.eval.tensorboard else None
+        if cfg.eval.tensorboard and self.lead else None
     self.last_eval = _last_row(self.metrics_path, self.round)
     if self.round == 0:
       t.plan.print_header(t.data.client_names, self.rounds)
@@ -286,7 +294,8 @@ class RunSession:
     except ValueError as err:
       raise validation.ConfigError(str(err)) from None
     if self.every or os.path.isdir(os.path.join(t.workdir, 'checkpoints')):
-      self.ckpt = checkpointing.Checkpointer(t.workdir, int(cfg.checkpoint.keep))
+      self.ckpt = checkpointing.Checkpointer(t.workdir, int(cfg.checkpoint.keep),
+                                             t.ckpt_sharding)
       got = self.ckpt.restore_latest(t.initial_state) if self.ckpt.steps() else None
       if got is not None:
         step, state, host = got
@@ -323,7 +332,8 @@ class RunSession:
       self.audit_scores = audit_lib.AuditScores(t.audit) if t.audit is not None else None
     if self.audit_scores is not None and 'audit' in host:
       self.audit_scores.load(host['audit'])
-    _truncate_metrics(self.metrics_path, step)
+    if self.lead:
+      _truncate_metrics(self.metrics_path, step)
     tqdm.tqdm.write(f'Resumed from round {step} ({self.ckpt.directory}).')
     return state
 
@@ -332,18 +342,24 @@ class RunSession:
     if self.ckpt is not None:
       self.ckpt.close()
       self.ckpt = None
-    for name in OUTPUTS:
-      path = os.path.join(t.workdir, name)
-      if os.path.isdir(path):
-        shutil.rmtree(path)
-      elif os.path.exists(path):
-        os.remove(path)
-    with open(cfg_path, 'w') as f:
-      f.write(t.config.to_json_best_effort(indent=2, sort_keys=True))
-    if t.data.partition_summary:
-      jsonio.write(os.path.join(t.workdir, 'partition.json'), t.data.partition_summary, indent=2)
+    # Every process has looked at the workdir before process 0 clears it, and sees it cleared.
+    distributed.sync('adpfl_fresh_start_check')
+    if self.lead:
+      for name in OUTPUTS:
+        path = os.path.join(t.workdir, name)
+        if os.path.isdir(path):
+          shutil.rmtree(path)
+        elif os.path.exists(path):
+          os.remove(path)
+      with open(cfg_path, 'w') as f:
+        f.write(t.config.to_json_best_effort(indent=2, sort_keys=True))
+      if t.data.partition_summary:
+        jsonio.write(os.path.join(t.workdir, 'partition.json'), t.data.partition_summary,
+                     indent=2)
+    distributed.sync('adpfl_fresh_start_done')
     if self.every:
-      self.ckpt = checkpointing.Checkpointer(t.workdir, int(t.config.checkpoint.keep))
+      self.ckpt = checkpointing.Checkpointer(t.workdir, int(t.config.checkpoint.keep),
+                                             t.ckpt_sharding)
 
   # -- one round ---------------------------------------------------------------------------------
   def plan_round(self, round_: int):
@@ -451,8 +467,9 @@ class RunSession:
     spent = t.plan.spent_epsilons()
     if spent is not None:
       row['epsilon_spent_rdp'] = [float(e) for e in spent]
-    with open(self.metrics_path, 'a') as f:
-      f.write(jsonio.dumps(row) + '\n')
+    if self.lead:
+      with open(self.metrics_path, 'a') as f:
+        f.write(jsonio.dumps(row) + '\n')
     if self.tb is not None:
       self.tb.write(row)
     self.last_eval = row
@@ -511,11 +528,14 @@ class RunSession:
     if self.audit_scores is not None:
       audit = audit_lib.report(self.audit_scores, eps, t.plan.delta,
                                float(t.config.privacy.audit.significance), t.data.client_names)
-      jsonio.write(os.path.join(t.workdir, 'audit.json'), audit, indent=2)
-      audit_lib.save_scores(os.path.join(t.workdir, 'audit_scores.npz'), self.audit_scores,
-                            eps, t.plan.delta, t.data.client_names)
+      if self.lead:
+        jsonio.write(os.path.join(t.workdir, 'audit.json'), audit, indent=2)
+        audit_lib.save_scores(os.path.join(t.workdir, 'audit_scores.npz'), self.audit_scores,
+                              eps, t.plan.delta, t.data.client_names)
       summary['epsilon_lower_bound'] = audit['epsilon_lower_bound']
       summary['audit_consistent'] = audit['consistent']
+    if not self.lead:
+      return summary  # process 0 writes the outputs
     jsonio.write(os.path.join(t.workdir, 'summary.json'), summary, indent=2)
     jsonio.write(os.path.join(t.workdir, 'ledger.json'), t.plan.ledgers_json())
     with open(self.metrics_path) as f:

@@ -3,6 +3,11 @@ r"""Privacy-utility frontier on the phantom federation: Dice vs target ε for DP
   python experiments/sweep.py --out runs/sweep                      # = make sweep
   python experiments/sweep.py --out /tmp/sweep --smoke               # 2 ε × 2 seeds, small
   python experiments/sweep.py --epsilons 1 4 --seeds 0 --set fed.rounds=20
+  python experiments/sweep.py … --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+
+With the distributed flags (one command per process, or ``--distributed`` inside ``srun``) every
+group's step runs over the devices of all processes (``adpfl_jax/distributed.py``); process 0
+writes every file.
 
 The grid is ε (default 0.5 1 2 4 8) × seed (default 0 1 2) × method (dpfl, adpfl), plus one
 NP-FL reference run per seed, all built from ``experiments/compare.py``'s ``get_config`` with the
@@ -169,7 +174,14 @@ def main(argv=None):
   ap.add_argument('--sequential', action='store_true', help='train trials one after another')
   ap.add_argument('--trial-axis', default='auto', choices=('auto', 'vmap', 'map'))
   ap.add_argument('--fresh', action='store_true', help='retrain trials that already finished')
+  from adpfl_jax import distributed  # pylint: disable=g-import-not-at-top
+  distributed.add_arguments(ap)
   args = ap.parse_args(argv)
+  try:
+    distributed.initialize(distributed.parse_flags({k: getattr(args, k) for k in (
+        'coordinator_address', 'num_processes', 'process_id', 'distributed')}))
+  except distributed.DistributedError as err:
+    ap.error(str(err))
   epsilons = args.epsilons or list(SMOKE_EPSILONS if args.smoke else EPSILONS)
   seeds = args.seeds or list(SMOKE_SEEDS if args.smoke else SEEDS)
 
@@ -200,6 +212,7 @@ def main(argv=None):
       summaries[i] = done
     else:
       todo.append(i)
+  distributed.sync('sweep_checked_workdirs')  # before process 0 clears a workdir
   print(f'{len(cells)} trials ({len(cells) - len(todo)} already done), '
         f'{"sequential" if args.sequential else "vectorized"}', flush=True)
   if todo:
@@ -209,6 +222,8 @@ def main(argv=None):
       summaries[i] = s
 
   rows = frontier_rows(cells, summaries)
+  if not distributed.is_lead():
+    return 0  # process 0 writes the frontier
   os.makedirs(args.out, exist_ok=True)
   write_csv(rows, os.path.join(args.out, 'frontier.csv'))
   agg = aggregate(rows)

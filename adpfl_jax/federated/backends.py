@@ -11,7 +11,8 @@ All backends compute the same function (to float tolerance); they differ in spee
   ``shard_map``; ``lax.map`` over each device's clients. Needs several devices.
 * ``loop``: a host loop over clients calling one jitted client function; aggregation is a second
   jitted function.
-* ``auto``: the fastest on this platform according to ``benchmarks/round_throughput.py``.
+* ``auto``: the fastest on this platform according to ``benchmarks/round_throughput.py``;
+  ``sharded`` over the global mesh in a multi-process run (``adpfl_jax/distributed.py``).
 
 A backend maps ``per_client_fn`` to ``fn(params, xb, yb, mask, dp, keys, active)``, which returns
 stacked per-client ``(deltas, reports)`` with a leading client axis.
@@ -38,6 +39,13 @@ def resolve(name: str, platform: str | None = None) -> str:
   """
   if name not in BACKENDS:
     raise ValueError(f'fed.backend={name!r} is not one of {BACKENDS}')
+  if jax.process_count() > 1:
+    # Several processes: clients are split over the global mesh (every process's devices).
+    if name == 'loop':
+      raise ValueError("fed.backend='loop' dispatches clients from one process's host loop; "
+                       "a multi-process run needs 'sharded' (or 'auto', 'map', 'vmap')")
+    if name == 'auto':
+      return 'sharded'
   if name != 'auto':
     return name
   platform = platform or jax.default_backend()
@@ -61,6 +69,9 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
   if num_devices:
     if num_devices > len(devices):
       raise ValueError(f'fed.num_devices={num_devices} but only {len(devices)} devices are visible')
+    if jax.process_count() > 1 and num_devices != len(devices):
+      raise ValueError(f'fed.num_devices={num_devices}: a multi-process run uses every device '
+                       f'of the cluster ({len(devices)}); leave it 0')
     devices = devices[:num_devices]
   return Mesh(np.array(devices), ('clients',))
 
