@@ -66,6 +66,8 @@ def validate(config) -> None:
          'must be in [0, 2]')
   _check(p.batch_size >= 1, 'privacy.batch_size', p.batch_size, 'must be >= 1 (expected batch)')
   _check(p.max_batch_sigmas > 0, 'privacy.max_batch_sigmas', p.max_batch_sigmas, 'must be > 0')
+  _check(p.microbatch_size >= 0, 'privacy.microbatch_size', p.microbatch_size,
+         'must be >= 0 (0 = off)')
   _check(0 <= p.quantile.target <= 1, 'privacy.quantile.target', p.quantile.target,
          'must be in [0, 1]')
   _check(p.quantile.lr > 0, 'privacy.quantile.lr', p.quantile.lr, 'must be > 0')

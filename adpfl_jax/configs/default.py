@@ -69,6 +69,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.privacy.accountant = 'pld'  # pld | rdp
   c.privacy.batch_size = 32  # expected Poisson batch q·n_k per local step
   c.privacy.max_batch_sigmas = 4.0  # padded batch = ceil(m + k·sd); inf = never truncate
+  # Per-example gradients in chunks of this many examples (0 = the whole padded batch at once):
+  # the same clipped sum with less memory (3D U-Nets); a float-rounding difference only.
+  c.privacy.microbatch_size = 0
   c.privacy.noise_schedule = 'constant'
   # Shape parameters of every schedule; only those of the chosen kind are used
   # (exponential: rate; step: factor, every; linear/cosine: start, end, rounds; 0 = fed.rounds).

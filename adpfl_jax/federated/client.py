@@ -1,7 +1,8 @@
 """One client's local training: K steps of DP-SGD on its own data, written for one client.
 
 Backends (``federated/backends.py``) map this function over clients. Inside a client, each local
-step is: per-example gradients (``vmap(grad)``), clip to C, masked sum, one noise draw over the
+step is: per-example gradients (``vmap(grad)``, in chunks of ``privacy.microbatch_size``
+examples when set), clip to C, masked sum, one noise draw over the
 raveled parameter vector, division by the *expected* batch size ``q·n`` (public), then the client
 optimizer (SGD with optional momentum, restarted every round). Adaptive clipping's count query
 (Andrew et al. 2021) runs on the same sample: Σ(1[‖g_i‖ ≤ C] − ½) + N(0, σ_b²), normalised by the
@@ -44,6 +45,7 @@ class ClientConfig(NamedTuple):
   aux: tuple = ()
   loss_cap: float = 2.0
   audit: bool = False  # add the planned gradient canaries (``privacy/audit.py``)
+  microbatch: int = 0  # per-example gradients this many examples at a time (0: all at once)
   canary_scale: float = 1.0  # canary gradient norm where no clip applies (non-private runs)
 
 
@@ -78,8 +80,8 @@ def client_update(cfg: ClientConfig, params: PyTree, xb: jax.Array, yb: jax.Arra
     p, opt_state = carry
     x, y, m, k, on, canaries = inputs
     k_noise, k_count = jax.random.split(k)
-    losses, grads = clipping.per_example_grads(cfg.loss_fn, p, x, y)
-    summed, stats = clipping.clip_and_sum(grads, m, dp.clip, norm)
+    losses, summed, stats = clipping.clipped_sum(cfg.loss_fn, p, x, y, m, dp.clip, norm,
+                                                 cfg.microbatch)
     flat, _ = ravel_pytree(summed)
     realised = jnp.sum(stats.valid)
     if cfg.audit:

@@ -24,6 +24,41 @@ def per_example_grads(loss_fn: Callable[..., jax.Array], params: PyTree, *batch)
   return jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None,) + (0,) * len(batch))(params, *batch)
 
 
+def clipped_sum(loss_fn: Callable[..., jax.Array], params: PyTree, x: jax.Array, y: jax.Array,
+                mask: jax.Array, clip: jax.Array, norm: str = 'l2', microbatch: int = 0):
+  """Per-example losses, the clipped sum of per-example gradients and its ``ClipStats``.
+
+  ``microbatch`` > 0 computes the per-example gradients ``microbatch`` examples at a time
+  (``lax.scan`` over chunks, the batch padded with masked slots to a multiple), so only one
+  chunk's gradients — ``microbatch`` × parameters — are alive at once instead of the whole
+  batch's. Each example is clipped exactly as without chunks; only the order of the float sum
+  changes. 0 (or ≥ the batch) is the one-shot ``per_example_grads`` → ``clip_and_sum``.
+  """
+  b = mask.shape[0]
+  if not microbatch or microbatch >= b:
+    losses, grads = per_example_grads(loss_fn, params, x, y)
+    summed, stats = clip_and_sum(grads, mask, clip, norm)
+    return losses, summed, stats
+  chunks = -(-b // microbatch)
+  pad = chunks * microbatch - b
+
+  def split(a):
+    a = jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)]) if pad else a
+    return a.reshape((chunks, microbatch) + a.shape[1:])
+
+  def body(total, chunk):
+    xc, yc, mc = chunk
+    losses, grads = per_example_grads(loss_fn, params, xc, yc)
+    summed, stats = clip_and_sum(grads, mc, clip, norm)
+    total = jax.tree_util.tree_map(jnp.add, total, summed)
+    return total, (losses, stats)
+
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  summed, (losses, stats) = jax.lax.scan(body, zeros, (split(x), split(y), split(mask)))
+  unsplit = lambda a: a.reshape((chunks * microbatch,) + a.shape[2:])[:b]
+  return unsplit(losses), summed, jax.tree_util.tree_map(unsplit, stats)
+
+
 def per_example_norms(grads: PyTree, norm: str = 'l2') -> jax.Array:
   """Global L2 (or L1) norm of each example's gradient; grads have a leading example axis."""
   leaves = jax.tree_util.tree_leaves(grads)

@@ -123,3 +123,32 @@ def test_noise_std_is_sigma_times_c(tiny):
   assert stats.kstest(noise, 'norm').pvalue > 1e-3
   assert stats.kstest(noise * 1.5, 'norm').pvalue < 1e-6  # noise 2/3 as large is rejected
   assert stats.kstest(noise / 1.5, 'norm').pvalue < 1e-6  # noise 3/2 as large is rejected
+
+
+@pytest.mark.parametrize('microbatch', [1, 2, 4])
+def test_microbatched_clipped_sum_equals_one_shot(tiny, microbatch):
+  """Chunks of 1, 2 (a padded last chunk) or 4 examples: same losses, norms, clipped sum."""
+  _, params, x, y, loss_fn = tiny
+  mask = jnp.array([1.0, 1.0, 0.0, 1.0, 1.0])  # a padding slot inside the batch
+  one = clipping.clipped_sum(loss_fn, params, x, y, mask, jnp.float32(0.05))
+  chunked = clipping.clipped_sum(loss_fn, params, x, y, mask, jnp.float32(0.05),
+                                 microbatch=microbatch)
+  np.testing.assert_allclose(chunked[0], one[0], rtol=1e-6)
+  np.testing.assert_allclose(_flat(chunked[1]), _flat(one[1]), rtol=1e-5, atol=1e-7)
+  for a, b in zip(chunked[2], one[2]):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  assert float(jnp.sum(one[2].unclipped)) < 4  # the clip is active
+
+
+def test_microbatched_client_update_equals_one_shot(tiny):
+  """Two local DP steps with noise: the same update and reports with microbatch_size = 2."""
+  _, params, x, y, loss_fn = tiny
+  xb, yb = jnp.stack([x, x[::-1]]), jnp.stack([y, y[::-1]])
+  mask = jnp.array([[1.0, 1.0, 1.0, 0.0, 1.0], [1.0, 0.0, 1.0, 1.0, 1.0]])
+  run = lambda mb: client_lib.client_update(
+      client_lib.ClientConfig(loss_fn=loss_fn, private=True, aux=('unclipped',), microbatch=mb),
+      params, xb, yb, mask, _dp(0.05, 1.1, 4.0), jax.random.key(5))
+  (d0, r0), (d2, r2) = run(0), run(2)
+  np.testing.assert_allclose(_flat(d2), _flat(d0), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(r2['aux'], r0['aux'], rtol=1e-6)
+  np.testing.assert_allclose(r2['train_loss'], r0['train_loss'], rtol=1e-6)
