@@ -45,7 +45,9 @@ class SingleExecutor:
   def __init__(self, trainer):
     self.trainer = trainer
     self.sharding = None
-    if distributed.is_multiprocess():
+    if distributed.is_multiprocess() or trainer.mesh is not None:
+      # Also with one process and the ``sharded`` backend: arguments placed as the step returns
+      # its state (replicated on the mesh), so round 2 does not compile the step again.
       self.sharding = distributed.replicated(trainer.mesh or backends.make_mesh())
 
   def _put(self, tree):

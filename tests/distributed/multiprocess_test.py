@@ -152,7 +152,9 @@ def test_two_processes_equal_one_process(two_process_run, tiny_config, tmp_path)
   from adpfl_jax import train  # pylint: disable=g-import-not-at-top
   assert jax.device_count() == 4
   ref = str(tmp_path / 'one_process')
-  train.Trainer(tiny_config(**TINY), ref).run()
+  trainer = train.Trainer(tiny_config(**TINY), ref)
+  trainer.run()
+  assert trainer.round.jitted[0]._cache_size() == 1  # the sharded step compiles once
   assert_same_run(two_process_run, ref)
   assert read_json(two_process_run, 'summary.json')['backend'] == 'sharded'
   # And one device (clients mapped, not sharded): the same function, to float tolerance.
