@@ -85,11 +85,16 @@ def initialize(kwargs: dict | None, *, initialization_timeout: int = 300) -> boo
     return False
   if not _initialized:
     # Cross-process collectives on CPU need gloo; accelerators use their own (NCCL, ICI).
+    before = jax.config.jax_cpu_collectives_implementation
     jax.config.update('jax_cpu_collectives_implementation', 'gloo')
     try:
       jax.distributed.initialize(initialization_timeout=initialization_timeout, **kwargs)
     except (RuntimeError, ValueError) as err:
+      jax.config.update('jax_cpu_collectives_implementation', before)
       first = ' '.join(str(err).split())[:300]
+      if not kwargs:
+        raise DistributedError(f'--distributed: JAX detected no cluster to join ({first}); give '
+                               '--coordinator_address, --num_processes and --process_id') from None
       raise DistributedError(f'jax.distributed.initialize failed ({first})') from None
     _initialized = True
   return True
