@@ -38,7 +38,7 @@ compare: install
 	$(BIN)/python experiments/compare.py --out runs/compare --seeds $(SEEDS) $(if $(SMOKE),--smoke,)
 
 sweep: install
-	$(BIN)/python experiments/sweep.py --out runs/sweep $(if $(SMOKE),--smoke,)
+	$(BIN)/python experiments/sweep.py --out runs/sweep $(if $(SMOKE),--smoke,) $(ARGS)
 
 audit: install
 	$(BIN)/python experiments/audit.py --out runs/audit $(if $(SMOKE),--smoke,)

@@ -7,8 +7,10 @@ and seconds per round (best of ``--rounds`` timed rounds after one warm-up), exa
 ``dp_overhead`` = one DP-SGD local step (per-example grads, clip, noise) ÷ one non-private step
 (batch-mean gradient) on the same model and batch; ``flop_utilization`` = achieved FLOP/s of the
 fastest one-jit round (XLA cost analysis of one DP
-local step × the round's client-steps) ÷ FLOP/s of a dense float32 matmul measured in this process.
-With ``--json`` the last line is one JSON object.
+local step × the round's client-steps) ÷ FLOP/s of a dense float32 matmul measured in this process
+(``flop_utilization_bf16``: ÷ the bfloat16 matmul peak; the round itself computes in float32);
+``peak_bytes`` = the device's peak memory in use (``memory_stats``; None where the platform does
+not report it, e.g. CPU). With ``--json`` the last line is one JSON object.
 
 Sharded runs use the devices JAX sees; on CPU the script asks XLA for one host device per core
 (set ``XLA_FLAGS`` yourself to override).
@@ -49,8 +51,8 @@ def time_fn(fn, reps: int):
   return first, min(times)
 
 
-def matmul_flops_per_second(n: int = 1024, reps: int = 5) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+def matmul_flops_per_second(n: int = 1024, reps: int = 5, dtype=jnp.float32) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
   f = jax.jit(lambda x: x @ x)
   _, t = time_fn(lambda: f(a), reps)
   return 2 * n**3 / t
@@ -72,6 +74,8 @@ def main(argv=None):
   ap.add_argument('--rounds', type=int, default=3)
   ap.add_argument('--backends', default='vmap,map,sharded,loop')
   ap.add_argument('--set', action='append', default=[], help='config override key=value')
+  ap.add_argument('--matmul_size', type=int, default=0,
+                  help='n of the n×n matmul measuring the peak (default 1024 on CPU, else 8192)')
   ap.add_argument('--json', action='store_true')
   args = ap.parse_args(argv)
 
@@ -130,23 +134,33 @@ def main(argv=None):
 
   # XLA's cost analysis counts a while-loop body once, so the round's FLOPs are those of one
   # DP local step (cost analysis of dp_step) times the client-steps of the round.
-  peak = matmul_flops_per_second()
+  n = args.matmul_size or (1024 if jax.default_backend() == 'cpu' else 8192)
+  peak = matmul_flops_per_second(n)
+  peak_bf16 = matmul_flops_per_second(n, dtype=jnp.bfloat16)
   step_flops = round_flops(dp_step, params, key)
   client_steps = int(np.asarray(inputs.mask).shape[0] * np.asarray(inputs.mask).shape[1])
   one_jit = {k: v for k, v in results.items() if k != 'loop'}
-  util = None
+  util = util_bf16 = None
   if one_jit and step_flops:
     best = min(one_jit, key=one_jit.get)
     total = step_flops * client_steps
     util = total / one_jit[best] / peak
-    print(f'matmul {peak / 1e9:.1f} GFLOP/s; {best} round ≈ {total / 1e9:.2f} GFLOP '
+    util_bf16 = total / one_jit[best] / peak_bf16
+    print(f'matmul {peak / 1e9:.1f} GFLOP/s float32, {peak_bf16 / 1e9:.1f} bfloat16 ({n}×{n}); '
+          f'{best} round ≈ {total / 1e9:.2f} GFLOP '
           f'({client_steps} client-steps × {step_flops / 1e9:.3f}) in {one_jit[best]:.3f} s: '
-          f'flop_utilization {util:.3f}')
+          f'flop_utilization {util:.3f} (vs bfloat16 peak {util_bf16:.3f})')
+  stats = jax.devices()[0].memory_stats() or {}
+  peak_bytes = stats.get('peak_bytes_in_use')
+  if peak_bytes is not None:
+    print(f'peak device memory {peak_bytes / 2**30:.2f} GiB')
   if 'loop' in results:
     for k, v in results.items():
       print(f'  {k:8s} {v / results["loop"]:.2f}× loop')
   out = {'backends': results, 'compile_seconds': compile_s, 'dp_overhead': dp_overhead,
-         'flop_utilization': util, 'device': str(jax.devices()[0].platform),
+         'flop_utilization': util, 'flop_utilization_bf16': util_bf16,
+         'matmul_flops_per_second': {'float32': peak, 'bfloat16': peak_bf16},
+         'peak_bytes': peak_bytes, 'device': str(jax.devices()[0].platform),
          'device_count': jax.device_count(), 'auto': train.backends.resolve('auto')}
   if args.json:
     print(json.dumps(out))
