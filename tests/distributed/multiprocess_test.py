@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -22,6 +23,9 @@ import pytest
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..', '..'))
 TIMEOUT = 240
+# One persistent compilation cache for every launched process of this module: a relaunch (the
+# resume test) loads the compiled round instead of compiling it again.
+CACHE = tempfile.mkdtemp(prefix='adpfl_mp_jit_cache_')
 TIMING = ('wall_seconds', 'examples_per_second', 'seconds_per_round')
 # The tiny config of tests/conftest.py as overrides of the packaged quickstart config (both are
 # configs/default.py plus these keys), 4 rounds, a checkpoint every round, clients sharded.
@@ -45,6 +49,7 @@ def launch(args, n: int = 2):
   port = free_port()
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=2',
+             JAX_COMPILATION_CACHE_DIR=CACHE, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
              PYTHONPATH=os.pathsep.join([ROOT, os.environ.get('PYTHONPATH', '')]))
   return [subprocess.Popen(
       [sys.executable, *args, f'--coordinator_address=localhost:{port}',
