@@ -47,6 +47,12 @@ def validate(config) -> None:
   _choice(config, 'privacy.unit', plan.UNITS)
   _choice(config, 'fed.backend', backends.BACKENDS)
   _choice(config, 'fed.server_optimizer', server.SERVER_OPTIMIZERS)
+  _choice(config, 'fed.param_averaging', server.PARAM_AVERAGING)
+  _check(0 < f.ema_decay < 1, 'fed.ema_decay', f.ema_decay, 'must be in (0, 1)')
+  _check(isinstance(p.augment_multiplicity, int) and p.augment_multiplicity >= 1,
+         'privacy.augment_multiplicity', p.augment_multiplicity, 'must be an integer >= 1')
+  _check(isinstance(p.augment_shift, int) and p.augment_shift >= 0, 'privacy.augment_shift',
+         p.augment_shift, 'must be an integer >= 0')
   _choice(config, 'model.name', models.MODELS)
   _choice(config, 'model.upsample', models.UPSAMPLE)
   _check(0 < p.delta < 1, 'privacy.delta', p.delta, 'must be in (0, 1)')

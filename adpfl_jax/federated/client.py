@@ -19,6 +19,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from adpfl_jax.privacy import clipping
+from adpfl_jax.privacy import multiplicity
 from adpfl_jax.privacy import noise as noise_lib
 from adpfl_jax.privacy.controller import ClientDP
 
@@ -45,6 +46,11 @@ class ClientConfig(NamedTuple):
   loss_cap: float = 2.0
   audit: bool = False  # add the planned gradient canaries (``privacy/audit.py``)
   canary_scale: float = 1.0  # canary gradient norm where no clip applies (non-private runs)
+  # Augmentation multiplicity (``privacy/multiplicity.py``): each example's gradient is the mean
+  # over this many random views before clipping; 1 = no augmentation (the plain path).
+  augment_multiplicity: int = 1
+  augment_shift: int = 2
+  augment_flip: bool = True
 
 
 def client_update(cfg: ClientConfig, params: PyTree, xb: jax.Array, yb: jax.Array,
@@ -77,8 +83,14 @@ def client_update(cfg: ClientConfig, params: PyTree, xb: jax.Array, yb: jax.Arra
     p_in, opt_in = carry
     p, opt_state = carry
     x, y, m, k, on, canaries = inputs
-    k_noise, k_count = jax.random.split(k)
-    losses, grads = clipping.per_example_grads(cfg.loss_fn, p, x, y)
+    if cfg.augment_multiplicity > 1:
+      k_noise, k_count, k_aug = jax.random.split(k, 3)
+      losses, grads = multiplicity.averaged_per_example_grads(
+          cfg.loss_fn, p, x, y, k_aug, cfg.augment_multiplicity, shift=cfg.augment_shift,
+          flip=cfg.augment_flip)
+    else:
+      k_noise, k_count = jax.random.split(k)
+      losses, grads = clipping.per_example_grads(cfg.loss_fn, p, x, y)
     summed, stats = clipping.clip_and_sum(grads, m, dp.clip, norm)
     flat, _ = ravel_pytree(summed)
     realised = jnp.sum(stats.valid)
