@@ -1,8 +1,9 @@
 """One client's local training: K steps of DP-SGD on its own data, written for one client.
 
 Backends (``federated/backends.py``) map this function over clients. Inside a client, each local
-step is: per-example gradients (``vmap(grad)``), clip to C, masked sum, one noise draw over the
-raveled parameter vector, division by the *expected* batch size ``q·n`` (public), then the client
+step is: per-example gradients (``vmap(grad)``; with augmentation multiplicity k > 1 each is the
+mean over k random views of its example, ``privacy/multiplicity.py``), clip to C, masked sum, one
+noise draw over the raveled parameter vector, division by the *expected* batch size ``q·n`` (public), then the client
 optimizer (SGD with optional momentum, restarted every round). Adaptive clipping's count query
 (Andrew et al. 2021) runs on the same sample: Σ(1[‖g_i‖ ≤ C] − ½) + N(0, σ_b²), normalised by the
 expected batch. Only noised quantities leave the client; the raw training loss is returned as a
