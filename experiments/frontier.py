@@ -283,6 +283,9 @@ def main(argv=None):
   ap.add_argument('--no-sweep', action='store_true', help='skip the Dice-vs-ε runs')
   ap.add_argument('--no-medical', action='store_true', help='skip the KiTS23 / BraTS rows')
   ap.add_argument('--no-batch', action='store_true', help='skip the batch-size / steps sweep')
+  ap.add_argument('--only', nargs='+', default=None, metavar='CELL',
+                  help='train only the ablation cells named (e.g. npfl_base dpfl_base '
+                       'adpfl_pretrain); a gap needs npfl_base and dpfl_base among them')
   ap.add_argument('--fresh', action='store_true', help='retrain runs that already finished')
   args = ap.parse_args(argv)
   seeds = args.seeds or ([0] if args.smoke else [0, 1, 2])
@@ -323,6 +326,10 @@ def main(argv=None):
     for t in TECHNIQUES:
       add('phantom', method, (t,), EPSILON)
     add('phantom', method, ALL, EPSILON)
+  if args.only:
+    keep = set(args.only)
+    specs = {n: v for n, v in specs.items()
+             if n.split('/')[1].removesuffix(f'_eps{EPSILON:g}') in keep}
   cells = _run_cells(specs, make, args.out, seeds, args.fresh)
   rows = frontier_rows(cells)
   best = best_combination(rows)

@@ -78,3 +78,13 @@ def test_batch_tradeoff_keeps_the_planned_epsilon_on_target(tiny_config):
     if r < 8 * base.fed.rounds:  # below the search cap: one more round would overshoot
       at.fed.rounds = r + 1
       assert fr.planned_epsilon(at, sizes, sigma) > 4.0
+
+
+def test_an_interrupted_run_is_not_reused_as_finished(tmp_path):
+  from adpfl_jax import studies  # pylint: disable=g-import-not-at-top
+  for reason, done in [('completed', True), ('interrupted by a signal after round 26', False),
+                       ('budget: round 3 would take silo 0 past the target', True)]:
+    (tmp_path / 'summary.json').write_text(json.dumps({'stopped_reason': reason}))
+    assert studies._finished(str(tmp_path)) is done  # pylint: disable=protected-access
+  (tmp_path / 'summary.json').unlink()
+  assert not studies._finished(str(tmp_path))  # pylint: disable=protected-access
