@@ -469,7 +469,9 @@ class RunSession:
     """Short numbers for a progress bar."""
     if self.last_eval is None:
       return {}
-    return {'dice': f"{self.last_eval['dice']:.3f}", 'eps': f"{self.last_eval['epsilon']:.2f}"}
+    eps = self.last_eval['epsilon']  # ∞ is null in a row read back from metrics.jsonl (resume)
+    eps = float('inf') if eps is None else float(eps)
+    return {'dice': f"{self.last_eval['dice']:.3f}", 'eps': f'{eps:.2f}'}
 
   # -- the end -----------------------------------------------------------------------------------
   def close(self) -> None:

@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Parameter averaging of the released global models (post-processing, no privacy cost): the
   # evaluated / published model is an EMA (decay, with warm-up) of the global models.
   c.fed.param_averaging = 'none'  # none | ema
-  c.fed.ema_decay = 0.9
+  c.fed.ema_decay = 0.9  # EMA decay (effective decay min(decay, (1 + r)/(10 + r)) at round r)
 
   c.privacy = ml_collections.ConfigDict()
   c.privacy.mode = 'dp'  # dp (record-level DP-SGD in every silo) | none (NP-FL)
@@ -80,8 +80,8 @@ def get_config() -> ml_collections.ConfigDict:
   # views (flips, shifts up to augment_shift voxels; image and label alike) BEFORE clipping, so
   # the sensitivity stays C. 1 = no augmentation.
   c.privacy.augment_multiplicity = 1
-  c.privacy.augment_shift = 2
-  c.privacy.augment_flip = True
+  c.privacy.augment_shift = 2  # largest random shift per spatial axis, voxels (zero padding)
+  c.privacy.augment_flip = True  # random flip along each spatial axis with probability 1/2
   c.privacy.noise_schedule = 'constant'
   # Shape parameters of every schedule; only those of the chosen kind are used
   # (exponential: rate; step: factor, every; linear/cosine: start, end, rounds; 0 = fed.rounds).
