@@ -21,8 +21,8 @@ The full mode also runs the best combination and DP-FL over ε ∈ {0.5, 1, 2, 4
 and KiTS23 / BraTS 2024 smoke-size rows at ε = 8 (``experiments/paper/config.py``; no ``pretrain``
 there: no public 3D model). Writes ``<out>/table.md``, ``<out>/frontier.json`` (rows: ``method``,
 ``techniques``, ``epsilon``, ``dice_mean``, ``dice_std``, ``gap_recovered`` and more) and
-``<out>/dice_vs_epsilon.png``. ``gap_recovered`` = (Dice − DP-FL) / (NP-FL − DP-FL), means over
-seeds, on the same task and ε.
+``<out>/dice_vs_epsilon.png`` (``--smoke`` trains under ``<out>/smoke/``). ``gap_recovered`` =
+(Dice − DP-FL) / (NP-FL − DP-FL), means over seeds, on the same task and ε.
 """
 
 from __future__ import annotations
@@ -293,7 +293,10 @@ def main(argv=None):
   os.makedirs(args.out, exist_ok=True)
 
   pretrain = _load('pretrain.py')
-  public = pretrain.ensure(os.path.join(args.out, 'public_model'), smoke=args.smoke)
+  # Smoke runs live apart from full ones (same cell names, other configs); the table, plots and
+  # frontier.json of the latest invocation go to --out.
+  runs_dir = os.path.join(args.out, 'smoke') if args.smoke else args.out
+  public = pretrain.ensure(os.path.join(runs_dir, 'public_model'), smoke=args.smoke)
 
   def make(spec, seed):
     task, method, techniques, eps = spec[:4]
@@ -330,7 +333,7 @@ def main(argv=None):
     keep = set(args.only)
     specs = {n: v for n, v in specs.items()
              if n.split('/')[1].removesuffix(f'_eps{EPSILON:g}') in keep}
-  cells = _run_cells(specs, make, args.out, seeds, args.fresh)
+  cells = _run_cells(specs, make, runs_dir, seeds, args.fresh)
   rows = frontier_rows(cells)
   best = best_combination(rows)
   print(f"best combination at ε = {EPSILON:g}: {best['method']} + {'+'.join(best['techniques'])}")
@@ -343,7 +346,7 @@ def main(argv=None):
     for eps in eps_grid:
       add('phantom', 'dpfl', (), eps)
       add('phantom', best['method'], best['techniques'], eps)
-    sweep_rows = frontier_rows(_run_cells(specs, make, args.out, seeds, args.fresh))
+    sweep_rows = frontier_rows(_run_cells(specs, make, runs_dir, seeds, args.fresh))
     plot_dice_vs_epsilon(sweep_rows, os.path.join(args.out, 'dice_vs_epsilon.png'),
                          f'Phantom federation, δ = 1e-5 per silo, seeds {seeds}')
 
@@ -361,7 +364,7 @@ def main(argv=None):
     pairs = batch_tradeoff_specs(base, sizes, SMOKE_BATCHES if args.smoke else BATCHES, ref_sigma)
     for m, r in pairs:
       specs[f'batch/dpfl_m{m}_r{r}'] = ('batch', 'dpfl', (f'batch{m}x{r}r',), EPSILON, (m, r))
-    batch_cells = _run_cells(specs, make, args.out, seeds, args.fresh)
+    batch_cells = _run_cells(specs, make, runs_dir, seeds, args.fresh)
     batch_rows = frontier_rows(batch_cells)
     np_d = next(r['dice_mean'] for r in rows if r['method'] == 'npfl')
     dp_d = next(r['dice_mean'] for r in rows if r['method'] == 'dpfl' and not r['techniques'])
@@ -378,7 +381,7 @@ def main(argv=None):
       for method in ('dpfl', 'adpfl'):
         add(task, method, (), MEDICAL_EPSILON)
         add(task, method, ('aug', 'ema', 'fedadam'), MEDICAL_EPSILON)
-    medical_rows = frontier_rows(_run_cells(specs, make, args.out, seeds, args.fresh))
+    medical_rows = frontier_rows(_run_cells(specs, make, runs_dir, seeds, args.fresh))
 
   from adpfl_jax import jsonio  # pylint: disable=g-import-not-at-top
   jsonio.write(os.path.join(args.out, 'frontier.json'),
