@@ -402,7 +402,8 @@ def main(argv=None):
   with open(os.path.join(args.out, 'table.md'), 'w') as f:
     f.write(table)
   print('\n' + table)
-  print(f"wrote {os.path.join(args.out, 'table.md')}, frontier.json and dice_vs_epsilon.png")
+  print(f"wrote {os.path.join(args.out, 'table.md')}, frontier.json"
+        + ('' if args.no_sweep else ' and dice_vs_epsilon.png'))
   return 0
 
 
