@@ -7,10 +7,10 @@ TEST_ENV := XLA_FLAGS=--xla_force_host_platform_device_count=4 JAX_PLATFORMS=cpu
 SMOKE ?=
 SEEDS ?= 0 1 2
 
-.PHONY: install demo test lint bench compare paper-table sweep audit clean help
+.PHONY: install demo test lint bench compare paper-table sweep audit frontier clean help
 
 help:
-	@echo "make demo | test | install | lint | bench | compare | paper-table | sweep | audit | clean"
+	@echo "make demo | test | install | lint | bench | compare | paper-table | sweep | audit | frontier | clean"
 
 $(STAMP): setup.cfg pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "python >= 3.11 needed"'
@@ -42,6 +42,10 @@ sweep: install
 
 audit: install
 	$(BIN)/python experiments/audit.py --out runs/audit $(if $(SMOKE),--smoke,)
+
+# Technique ablation at ε = 1 (+ Dice vs ε, KiTS23/BraTS rows); SMOKE=1: seed 0, small, minutes.
+frontier: install
+	$(BIN)/python experiments/frontier.py --out runs/frontier $(if $(SMOKE),--smoke,--seeds $(SEEDS))
 
 # SMOKE=1 runs seed 0 unless SEEDS is given (`make paper-table SMOKE=1 SEEDS="0 1 2"`).
 paper-table: install

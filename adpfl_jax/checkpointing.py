@@ -96,3 +96,32 @@ def _jsonable(obj):
   if isinstance(obj, float) and not np.isfinite(obj):
     return str(obj)
   return obj
+
+
+def save_params(path: str, params) -> str:
+  """Writes a parameter pytree as an orbax checkpoint at ``path`` (a new directory)."""
+  path = os.path.abspath(path)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(path, jax.device_get(params), force=True)
+  checkpointer.wait_until_finished()
+  checkpointer.close()
+  return path
+
+
+def load_params(path: str, template):
+  """Reads a parameter pytree written by ``save_params``; shapes must match ``template``."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'config.model.init_checkpoint={path!r}: no orbax checkpoint there')
+  abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, template)
+  checkpointer = ocp.StandardCheckpointer()
+  try:
+    params = checkpointer.restore(path, abstract)
+  finally:
+    checkpointer.close()
+  got = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), params)
+  want = jax.tree_util.tree_map(lambda a: tuple(np.shape(a)), template)
+  if got != want:
+    raise ValueError(f'config.model.init_checkpoint={path!r} holds parameters of other shapes '
+                     'than this model')
+  return params

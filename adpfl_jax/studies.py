@@ -59,6 +59,16 @@ def summarise_run(workdir: str) -> dict:
   }
 
 
+def _finished(workdir: str) -> bool:
+  """A run that wrote its summary and was not interrupted by a signal (that one resumes)."""
+  try:
+    with open(os.path.join(workdir, 'summary.json')) as f:
+      reason = json.load(f).get('stopped_reason') or ''
+  except (OSError, ValueError):
+    return False
+  return not reason.startswith('interrupted')
+
+
 def run_grid(make_config: Callable[[str, int], object], methods: Sequence[str],
              seeds: Sequence[int], outdir: str, *, reuse: bool = True,
              on_trained: Callable | None = None,
@@ -75,7 +85,7 @@ def run_grid(make_config: Callable[[str, int], object], methods: Sequence[str],
   for method in methods:
     for seed in seeds:
       workdir = os.path.join(outdir, method, f'seed_{seed}')
-      done = os.path.exists(os.path.join(workdir, 'summary.json'))
+      done = _finished(workdir)
       rebuild = on_trained is not None and (wants_trainer is None or wants_trainer(method, seed))
       if not (reuse and done) or rebuild:
         if not reuse and os.path.exists(workdir):

@@ -89,6 +89,9 @@ class Trainer:
 
     self.loss_fn = loss_fn
     params = self.model.init(jax.random.key(config.seed))
+    if config.model.init_checkpoint:
+      # Public pretraining: start from a model trained on public data only (docs/frontier.md §3).
+      params = checkpointing.load_params(config.model.init_checkpoint, params)
     self.param_count = sum(int(np.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
     # The run's secret randomness (noise, batches, canaries) comes from (seed, identity).
     self.set_identity(identity.run_identity(config))
@@ -109,10 +112,14 @@ class Trainer:
         sparsify=self.controller.sparsity != 'none', aux=self.controller.aux,
         loss_cap=float(config.privacy.adaptive_noise.loss_cap), audit=self.audit is not None,
         canary_scale=float(config.privacy.clip_norm),
-        microbatch=int(config.privacy.microbatch_size))
+        microbatch=int(config.privacy.microbatch_size),
+        augment_multiplicity=int(config.privacy.augment_multiplicity),
+        augment_shift=int(config.privacy.augment_shift),
+        augment_flip=bool(config.privacy.augment_flip))
     self.round = server.build_round(self.client_cfg, server.server_optimizer(config.fed),
                                     self.controller, self.backend,
-                                    chunk_size=int(config.fed.chunk_size), mesh=self.mesh)
+                                    chunk_size=int(config.fed.chunk_size), mesh=self.mesh,
+                                    decay=server.ema_decay(config.fed))
     self.initial_state = self.round.init(params, config.seed, self.identity)
     self.evaluator = dice_lib.make_evaluator(apply_fn, list(self.regions.values()),
                                              int(config.eval.batch_size))
@@ -438,7 +445,7 @@ class RunSession:
   def log(self, state) -> dict:
     """Evaluates and writes one row to ``metrics.jsonl`` (and TensorBoard)."""
     t = self.trainer
-    ev = t.evaluate(state.params)
+    ev = t.evaluate(server.released_params(state))
     eps = t.plan.epsilons()
     m = self.last_out
     row = {
@@ -480,7 +487,9 @@ class RunSession:
     """Short numbers for a progress bar."""
     if self.last_eval is None:
       return {}
-    return {'dice': f"{self.last_eval['dice']:.3f}", 'eps': f"{self.last_eval['epsilon']:.2f}"}
+    eps = self.last_eval['epsilon']  # ∞ is null in a row read back from metrics.jsonl (resume)
+    eps = float('inf') if eps is None else float(eps)
+    return {'dice': f"{self.last_eval['dice']:.3f}", 'eps': f'{eps:.2f}'}
 
   # -- the end -----------------------------------------------------------------------------------
   def close(self) -> None:
@@ -500,7 +509,7 @@ class RunSession:
     t.final_state = state
     last = self.last_eval
     eps = t.plan.epsilons(final=True)
-    surface = t.surface_evaluate(state.params) if t.config.eval.surface_metrics else {}
+    surface = t.surface_evaluate(server.released_params(state)) if t.config.eval.surface_metrics else {}
     summary = {
         'dice': last['dice'],
         'dice_per_client': last['dice_per_client'],

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 
 import jax
 
@@ -47,6 +48,15 @@ def validate(config) -> None:
   _choice(config, 'privacy.unit', plan.UNITS)
   _choice(config, 'fed.backend', backends.BACKENDS)
   _choice(config, 'fed.server_optimizer', server.SERVER_OPTIMIZERS)
+  _choice(config, 'fed.param_averaging', server.PARAM_AVERAGING)
+  _check(not m.init_checkpoint or os.path.isdir(m.init_checkpoint), 'model.init_checkpoint',
+         m.init_checkpoint, 'must be an orbax checkpoint directory (experiments/pretrain.py '
+         "writes one) or '' for a random init")
+  _check(0 < f.ema_decay < 1, 'fed.ema_decay', f.ema_decay, 'must be in (0, 1)')
+  _check(isinstance(p.augment_multiplicity, int) and p.augment_multiplicity >= 1,
+         'privacy.augment_multiplicity', p.augment_multiplicity, 'must be an integer >= 1')
+  _check(isinstance(p.augment_shift, int) and p.augment_shift >= 0, 'privacy.augment_shift',
+         p.augment_shift, 'must be an integer >= 0')
   _choice(config, 'model.name', models.MODELS)
   _choice(config, 'model.upsample', models.UPSAMPLE)
   _check(0 < p.delta < 1, 'privacy.delta', p.delta, 'must be in (0, 1)')

@@ -22,6 +22,16 @@ Each trial writes ``<out>/<method>/eps_<ε>/seed_<s>`` (NP-FL: ``<out>/npfl/seed
 not retrained (``--fresh`` retrains). Writes ``<out>/frontier.csv`` (method, epsilon_target,
 seed, dice, epsilon_spent; ε spent is the max over silos) and ``<out>/frontier.png`` (mean Dice ±
 std over seeds vs target ε, one line per method, NP-FL dashed), and prints the table.
+
+``--private-selection GAMMA[,SHAPE]`` instead runs, for every target ε, a private selection of the
+best config (Papernot & Steinke 2022; ``adpfl_jax/privacy/selection.py``): the number of trials K
+is drawn from the truncated negative binomial D_{SHAPE,GAMMA} (SHAPE = 1, the default: geometric,
+E[K] = 1/GAMMA) with public randomness (``--selection-seed``), each trial is a uniformly drawn
+(method, seed), and the best by Dice is selected. Its trials pad batches to 10 standard
+deviations above the mean (``privacy.max_batch_sigmas``) so truncation barely touches δ. ``<out>/selection.json`` and the printed table
+give each trial's ε next to the ε per silo of the whole selection (the theorem's RDP bound over
+every candidate's planned ledger, converted at the same δ). Only that total covers publishing the
+selected model.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ SMOKE_SEEDS = (0, 1)
 METHODS = ('dpfl', 'adpfl')
 REFERENCE = 'npfl'
 COLUMNS = ('method', 'epsilon_target', 'seed', 'dice', 'epsilon_spent')
+SELECTION_BATCH_SIGMAS = 10.0  # padded batch of private-selection trials (see run_selection)
 
 
 def load_compare():
@@ -176,6 +187,10 @@ def main(argv=None):
   ap.add_argument('--fresh', action='store_true', help='retrain trials that already finished')
   from adpfl_jax import distributed  # pylint: disable=g-import-not-at-top
   distributed.add_arguments(ap)
+  ap.add_argument('--private-selection', metavar='GAMMA[,SHAPE]', default=None,
+                  help='private selection with K ~ truncated negative binomial (SHAPE 1 = '
+                       'geometric, E[K] = 1/GAMMA) trials per target ε')
+  ap.add_argument('--selection-seed', type=int, default=0, help='public seed of K and the draws')
   args = ap.parse_args(argv)
   try:
     distributed.initialize(distributed.parse_flags({k: getattr(args, k) for k in (
@@ -195,6 +210,8 @@ def main(argv=None):
     loading.apply_overrides(c, args.set)
     return c
 
+  if args.private_selection:
+    return run_selection(args, make, epsilons, seeds)
   methods = list(args.methods) + ([] if args.no_reference else [REFERENCE])
   cells = sweep.grid_configs(make, methods, epsilons, seeds)
   data_cfgs = {c['config'].data.to_json_best_effort(sort_keys=True) for c in cells}
@@ -243,6 +260,87 @@ def main(argv=None):
     print(f'Releasing all {len(private)} private trials together: ε per silo ≤ '
           + ', '.join(f'{e:.3g}' for e in total) + f' at δ = {delta:g} (sweep_privacy.json)')
   print(f"wrote {os.path.join(args.out, 'frontier.csv')} and frontier.png")
+  return 0
+
+
+def parse_selection(text: str) -> tuple[float, float]:
+  parts = [float(v) for v in text.split(',')]
+  if len(parts) not in (1, 2):
+    raise ValueError(f'--private-selection takes GAMMA or GAMMA,SHAPE; got {text!r}')
+  return parts[0], (parts[1] if len(parts) == 2 else 1.0)
+
+
+def selection_table(results, gamma: float, shape: float) -> str:
+  lines = [f'## Private selection, K ~ D(shape = {shape:g}, γ = {gamma:g}) trials per target ε', '',
+           '| target ε | trial | method | seed | Dice | ε of this trial (max silo) | '
+           'ε of the selection (max silo) | selected |', '|---|---|---|---|---|---|---|---|']
+  for res in results:
+    for j, t in enumerate(res['trials']):
+      lines.append(f"| {res['epsilon_target']:g} | {j} | {t['method']} | {t['seed']} | "
+                   f"{t['dice']:.4f} | {t['epsilon']:.3f} | "
+                   f"{max(res['epsilon_selection_per_silo']):.3f} | "
+                   f"{'yes' if j == res['selected'] else ''} |")
+  return '\n'.join(lines) + '\n'
+
+
+def run_selection(args, make, epsilons, seeds) -> int:
+  """Private selection (see the module docstring): trains K random trials per target ε."""
+  from adpfl_jax import jsonio  # pylint: disable=g-import-not-at-top
+  from adpfl_jax import sweep  # pylint: disable=g-import-not-at-top
+  from adpfl_jax.data import federated  # pylint: disable=g-import-not-at-top
+  from adpfl_jax.federated import sampling  # pylint: disable=g-import-not-at-top
+  from adpfl_jax.privacy import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  from adpfl_jax.privacy import selection  # pylint: disable=g-import-not-at-top
+  gamma, shape = parse_selection(args.private_selection)
+  methods = list(args.methods)
+  data_seed = seeds[0] if args.data_seed is None else args.data_seed
+  results = []
+  for eps in epsilons:
+    def config(method, seed, eps=eps):
+      c = make(method, seed)
+      c.privacy.target_epsilon = float(eps)
+      # Truncated batches enter the selection's bound as E[K]·η·(1 + e^ε) on δ (RDP has no
+      # truncated event): pad 10 sd above the mean so η per step is ~1e-17, not ~1e-5.
+      c.privacy.max_batch_sigmas = max(float(c.privacy.max_batch_sigmas), SELECTION_BATCH_SIGMAS)
+      return c
+
+    # Q = a public uniform draw of (method, seed), then training: its RDP per silo is at most
+    # the largest of every candidate's planned ledger (docs/frontier.md §5).
+    candidates = []
+    data = federated.load(config(methods[0], seeds[0]).data, data_seed)
+    for method in methods:
+      for seed in seeds:
+        c = config(method, seed)
+        part = sampling.participation(int(c.seed), int(c.fed.rounds), data.num_clients,
+                                      int(c.fed.clients_per_round))
+        plan = plan_lib.PrivacyPlan.from_config(c, data.sizes, part)
+        candidates.append([plan.silos[k].runs(plan.noise_scale[k])
+                           for k in range(data.num_clients)])
+    delta = float(config(methods[0], seeds[0]).privacy.delta)
+    total = [selection.selection_epsilon([cand[k] for cand in candidates], delta, gamma, shape)
+             for k in range(data.num_clients)]
+    rng = np.random.default_rng([args.selection_seed, int(round(eps * 1000))])
+    k_trials = selection.sample_trials(rng, gamma, shape)
+    draws = [(methods[int(rng.integers(len(methods)))], int(seeds[int(rng.integers(len(seeds)))]))
+             for _ in range(k_trials)]
+    workdirs = [os.path.join(args.out, 'selection', f'eps_{eps:g}', f'trial_{j}_{m}_seed_{s}')
+                for j, (m, s) in enumerate(draws)]
+    summaries = sweep.run_trials([config(m, s) for m, s in draws], workdirs, data=data,
+                                 vectorize=not args.sequential, trial_axis=args.trial_axis)
+    trials = [{'method': m, 'seed': s, 'dice': float(r['dice']), 'epsilon': float(r['epsilon']),
+               'workdir': w} for (m, s), r, w in zip(draws, summaries, workdirs)]
+    best = int(np.argmax([t['dice'] for t in trials]))
+    results.append({'epsilon_target': float(eps), 'trials': trials, 'selected': best,
+                    'expected_trials': selection.expected_trials(gamma, shape),
+                    'epsilon_selection_per_silo': total, 'delta': delta})
+  os.makedirs(args.out, exist_ok=True)
+  jsonio.write(os.path.join(args.out, 'selection.json'), {
+      'gamma': gamma, 'shape': shape, 'selection_seed': args.selection_seed, 'results': results,
+      'note': 'publishing the selected trial is covered by epsilon_selection_per_silo '
+              '(Papernot & Steinke 2022, Thm 2, RDP); a trial\'s own epsilon covers that trial '
+              'alone'}, indent=2)
+  print('\n' + selection_table(results, gamma, shape))
+  print(f"wrote {os.path.join(args.out, 'selection.json')}")
   return 0
 
 

@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.upsample = 'transpose'  # transpose | nearest
   c.model.groups = 4
   c.model.fast_conv = True  # custom-VJP convolutions (fast inside rolled loops on CPU)
+  # Public pretraining: an orbax checkpoint of parameters trained on PUBLIC data only
+  # (experiments/pretrain.py: a disjoint phantom federation); '' = random init.
+  c.model.init_checkpoint = ''
 
   c.loss = ml_collections.ConfigDict()
   c.loss.dice_weight = 1.0
@@ -50,6 +53,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.fed.server_optimizer = 'fedavg'  # fedavg | fedavgm | fedadam
   c.fed.server_lr = 1.0
   c.fed.server_momentum = 0.9
+  # Parameter averaging of the released global models (post-processing, no privacy cost): the
+  # evaluated / published model is an EMA (decay, with warm-up) of the global models.
+  c.fed.param_averaging = 'none'  # none | ema
+  c.fed.ema_decay = 0.9  # EMA decay (effective decay min(decay, (1 + r)/(10 + r)) at round r)
 
   c.privacy = ml_collections.ConfigDict()
   c.privacy.mode = 'dp'  # dp (record-level DP-SGD in every silo) | none (NP-FL)
@@ -69,9 +76,16 @@ def get_config() -> ml_collections.ConfigDict:
   c.privacy.accountant = 'pld'  # pld | rdp
   c.privacy.batch_size = 32  # expected Poisson batch q·n_k per local step
   c.privacy.max_batch_sigmas = 4.0  # padded batch = ceil(m + k·sd); inf = never truncate
-  # Per-example gradients in chunks of this many examples (0 = the whole padded batch at once):
-  # the same clipped sum with less memory (3D U-Nets); a float-rounding difference only.
+  # Per-example gradients in chunks of this many examples, over the sampled slots only (0 = the
+  # whole padded batch at once): the same clipped sum, cheaper on padding and lighter on memory
+  # (3D U-Nets); a float-rounding difference only.
   c.privacy.microbatch_size = 0
+  # Augmentation multiplicity (De et al. 2022): each example's gradient is averaged over k random
+  # views (flips, shifts up to augment_shift voxels; image and label alike) BEFORE clipping, so
+  # the sensitivity stays C. 1 = no augmentation.
+  c.privacy.augment_multiplicity = 1
+  c.privacy.augment_shift = 2  # largest random shift per spatial axis, voxels (zero padding)
+  c.privacy.augment_flip = True  # random flip along each spatial axis with probability 1/2
   c.privacy.noise_schedule = 'constant'
   # Shape parameters of every schedule; only those of the chosen kind are used
   # (exponential: rate; step: factor, every; linear/cosine: start, end, rounds; 0 = fed.rounds).

@@ -1,9 +1,10 @@
 """One client's local training: K steps of DP-SGD on its own data, written for one client.
 
 Backends (``federated/backends.py``) map this function over clients. Inside a client, each local
-step is: per-example gradients (``vmap(grad)``, in chunks of ``privacy.microbatch_size``
-examples when set), clip to C, masked sum, one noise draw over the
-raveled parameter vector, division by the *expected* batch size ``q·n`` (public), then the client
+step is: per-example gradients (``vmap(grad)``, in chunks of ``privacy.microbatch_size`` sampled
+examples when set; with augmentation multiplicity k > 1 each is the mean over k random views of
+its example, ``privacy/multiplicity.py``), clip to C, masked sum, one noise draw over the raveled
+parameter vector, division by the *expected* batch size ``q·n`` (public), then the client
 optimizer (SGD with optional momentum, restarted every round). Adaptive clipping's count query
 (Andrew et al. 2021) runs on the same sample: Σ(1[‖g_i‖ ≤ C] − ½) + N(0, σ_b²), normalised by the
 expected batch. Only noised quantities leave the client; the raw training loss is returned as a
@@ -12,6 +13,7 @@ diagnostic that never steers training and is written out only on request (``log.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -20,6 +22,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from adpfl_jax.privacy import clipping
+from adpfl_jax.privacy import multiplicity
 from adpfl_jax.privacy import noise as noise_lib
 from adpfl_jax.privacy.controller import ClientDP
 
@@ -47,6 +50,11 @@ class ClientConfig(NamedTuple):
   audit: bool = False  # add the planned gradient canaries (``privacy/audit.py``)
   microbatch: int = 0  # per-example gradients this many examples at a time (0: all at once)
   canary_scale: float = 1.0  # canary gradient norm where no clip applies (non-private runs)
+  # Augmentation multiplicity (``privacy/multiplicity.py``): each example's gradient is the mean
+  # over this many random views before clipping; 1 = no augmentation (the plain path).
+  augment_multiplicity: int = 1
+  augment_shift: int = 2
+  augment_flip: bool = True
 
 
 def client_update(cfg: ClientConfig, params: PyTree, xb: jax.Array, yb: jax.Array,
@@ -79,8 +87,17 @@ def client_update(cfg: ClientConfig, params: PyTree, xb: jax.Array, yb: jax.Arra
     p_in, opt_in = carry
     p, opt_state = carry
     x, y, m, k, on, canaries = inputs
-    k_noise, k_count = jax.random.split(k)
-    losses, summed, stats = clipping.clipped_sum(cfg.loss_fn, p, x, y, m, dp.clip, norm,
+    if cfg.augment_multiplicity > 1:
+      k_noise, k_count, k_aug = jax.random.split(k, 3)
+      grads_fn = functools.partial(multiplicity.averaged_grads, cfg.loss_fn,
+                                   k=cfg.augment_multiplicity, shift=cfg.augment_shift,
+                                   flip=cfg.augment_flip)
+      batch = (x, y, jax.random.split(k_aug, x.shape[0]))
+    else:
+      k_noise, k_count = jax.random.split(k)
+      grads_fn = functools.partial(clipping.per_example_grads, cfg.loss_fn)
+      batch = (x, y)
+    losses, summed, stats = clipping.clipped_sum(grads_fn, p, batch, m, dp.clip, norm,
                                                  cfg.microbatch)
     flat, _ = ravel_pytree(summed)
     realised = jnp.sum(stats.valid)

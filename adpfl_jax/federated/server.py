@@ -38,9 +38,36 @@ class ServerState:
   opt_state: PyTree
   controller: controller_lib.ControllerState
   key: jax.Array  # base PRNG key (uint32 key data); round keys are fold_in(key, round)
+  # Parameter averaging (``fed.param_averaging='ema'``): an EMA of the released global models,
+  # the model that is evaluated and published. Post-processing of released models; None when off.
+  averaged: PyTree = None
 
 
 SERVER_OPTIMIZERS = ('fedavg', 'fedavgm', 'fedadam')
+PARAM_AVERAGING = ('none', 'ema')
+
+
+def ema_decay(fed_cfg) -> float | None:
+  """The EMA decay of ``fed.param_averaging='ema'``, or None when parameter averaging is off."""
+  if fed_cfg.param_averaging == 'none':
+    return None
+  if fed_cfg.param_averaging == 'ema':
+    return float(fed_cfg.ema_decay)
+  raise ValueError(f'config.fed.param_averaging={fed_cfg.param_averaging!r} is not one of '
+                   f'{PARAM_AVERAGING}')
+
+
+def ema_update(averaged: PyTree, params: PyTree, round_: jax.Array, decay: float) -> PyTree:
+  """One EMA step over the model released after round ``round_`` (0-based), with warm-up:
+  the effective decay is min(decay, (1 + r) / (10 + r)), so early models do not dominate."""
+  r = round_.astype(jnp.float32)
+  d = jnp.minimum(decay, (1.0 + r) / (10.0 + r))
+  return jax.tree_util.tree_map(lambda a, p: d * a + (1.0 - d) * p, averaged, params)
+
+
+def released_params(state: 'ServerState') -> PyTree:
+  """The model a run evaluates and publishes: the EMA when parameter averaging is on."""
+  return state.params if state.averaged is None else state.averaged
 
 
 def server_optimizer(fed_cfg) -> optax.GradientTransformation:
@@ -56,14 +83,16 @@ def server_optimizer(fed_cfg) -> optax.GradientTransformation:
 
 def init_state(params: PyTree, tx: optax.GradientTransformation,
                controller: controller_lib.Controller, seed: int,
-               identity: int = 0) -> ServerState:
+               identity: int = 0, averaging: bool = False) -> ServerState:
   """Round 0. The noise key is derived from ``(seed, identity)``: runs that differ in anything
   (``configs.identity.run_identity``) draw independent noise even with the same seed."""
   key = jax.random.key(seed)
   for word in (identity >> 32, identity & 0xFFFFFFFF):
     key = jax.random.fold_in(key, word)
+  averaged = jax.tree_util.tree_map(jnp.array, params) if averaging else None
   return ServerState(round=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                     controller=controller.init(), key=jax.random.key_data(key))
+                     controller=controller.init(), key=jax.random.key_data(key),
+                     averaged=averaged)
 
 
 class RoundInputs(NamedTuple):
@@ -95,7 +124,7 @@ def _client_keys(state: ServerState, client_ids):
   return jax.vmap(lambda c: jax.random.fold_in(round_key, c))(client_ids)
 
 
-def _finish(state, tx, controller, inputs, deltas, reports, z_total, dp):
+def _finish(state, tx, controller, inputs, deltas, reports, z_total, dp, decay=None):
   """Aggregation, server update and controller update (shared by all backends)."""
   # Fault injection: a poisoned client sends a non-finite update.
   deltas = jax.tree_util.tree_map(
@@ -135,8 +164,11 @@ def _finish(state, tx, controller, inputs, deltas, reports, z_total, dp):
     # The audit's scores: each client's released update at its canary coordinates, negated
     # (an included canary pushes its coordinate down). Post-processing of released updates.
     metrics['canary_scores'] = -jnp.take_along_axis(flat, dp.canary_index, axis=1)
+  averaged = state.averaged
+  if decay is not None:
+    averaged = ema_update(averaged, params, state.round, decay)
   new_state = state.replace(round=state.round + 1, params=params, opt_state=opt_state,
-                            controller=ctrl)
+                            controller=ctrl, averaged=averaged)
   return new_state, metrics
 
 
@@ -159,10 +191,12 @@ class FederatedRound(NamedTuple):
 
 def build_round(cfg: client_lib.ClientConfig, tx, controller: controller_lib.Controller,
                 backend: str, *, chunk_size: int = 1, mesh=None,
-                donate: bool = False) -> FederatedRound:
-  """Builds the round for ``backend`` (already resolved, not ``auto``)."""
+                donate: bool = False, decay: float | None = None) -> FederatedRound:
+  """Builds the round for ``backend`` (already resolved, not ``auto``); ``decay``: the EMA
+  decay of parameter averaging (``ema_decay``), None for none."""
   per_client = lambda *a: client_lib.client_update(cfg, *a)
-  init = lambda params, seed, identity=0: init_state(params, tx, controller, seed, identity)
+  init = lambda params, seed, identity=0: init_state(params, tx, controller, seed, identity,
+                                                     averaging=decay is not None)
   noise = jax.jit(controller.total_noise)
 
   if backend in backends.ONE_JIT:
@@ -174,7 +208,7 @@ def build_round(cfg: client_lib.ClientConfig, tx, controller: controller_lib.Con
       dp = _with_canaries(dp, inputs)
       keys = _client_keys(state, inputs.client_ids)
       deltas, reports = mapped(state.params, xb, yb, inputs.mask, dp, keys, inputs.active)
-      return _finish(state, tx, controller, inputs, deltas, reports, z_total, dp)
+      return _finish(state, tx, controller, inputs, deltas, reports, z_total, dp, decay)
 
     jitted = jax.jit(round_fn, donate_argnums=(0,) if donate else ())
     return FederatedRound(init=init, apply=jitted, noise=noise, backend=backend,
@@ -192,7 +226,7 @@ def build_round(cfg: client_lib.ClientConfig, tx, controller: controller_lib.Con
     return xb, yb, dp, z_total, _client_keys(state, inputs.client_ids)
 
   finish = jax.jit(lambda state, inputs, deltas, reports, z_total, dp: _finish(
-      state, tx, controller, inputs, deltas, reports, z_total, dp))
+      state, tx, controller, inputs, deltas, reports, z_total, dp, decay))
   mapped = backends.loop_clients(client_jit)
 
   def loop_round(state, data_x, data_y, inputs):

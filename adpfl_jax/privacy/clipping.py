@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 PyTree = Any
 
@@ -24,39 +25,53 @@ def per_example_grads(loss_fn: Callable[..., jax.Array], params: PyTree, *batch)
   return jax.vmap(jax.value_and_grad(loss_fn), in_axes=(None,) + (0,) * len(batch))(params, *batch)
 
 
-def clipped_sum(loss_fn: Callable[..., jax.Array], params: PyTree, x: jax.Array, y: jax.Array,
-                mask: jax.Array, clip: jax.Array, norm: str = 'l2', microbatch: int = 0):
+def clipped_sum(grads_fn: Callable[..., tuple], params: PyTree, batch: tuple, mask: jax.Array,
+                clip: jax.Array, norm: str = 'l2', microbatch: int = 0):
   """Per-example losses, the clipped sum of per-example gradients and its ``ClipStats``.
 
-  ``microbatch`` > 0 computes the per-example gradients ``microbatch`` examples at a time
-  (``lax.scan`` over chunks, the batch padded with masked slots to a multiple), so only one
-  chunk's gradients — ``microbatch`` × parameters — are alive at once instead of the whole
-  batch's. Each example is clipped exactly as without chunks; only the order of the float sum
-  changes. 0 (or ≥ the batch) is the one-shot ``per_example_grads`` → ``clip_and_sum``.
+  ``grads_fn(params, *batch)`` returns per-example ``(losses, grads)`` over the leading axis of
+  every array of ``batch``, row i a function of row i only (``per_example_grads``, or the
+  augmentation-averaged gradients of ``privacy/multiplicity.py``).
+
+  ``microbatch`` = 0 computes every slot at once and clips with ``clip_and_sum``. ``microbatch``
+  > 0 computes ``microbatch`` slots at a time and only the chunks that hold a sampled example:
+  a ``lax.while_loop`` stops after the chunk of the last sampled slot, and the padded Poisson
+  batch keeps its sampled examples first (``federated.sampling``), so it runs
+  ``ceil(Σmask / microbatch)`` chunks. The cost then follows the realised batch, not the padded one, and only one chunk's
+  activations and gradients are alive at once. Each example is clipped exactly as in the one-shot
+  path and padding contributes nothing on either path, so the release — and its sensitivity C —
+  is the same function of the data; only the order of the float sum changes.
   """
-  b = mask.shape[0]
-  if not microbatch or microbatch >= b:
-    losses, grads = per_example_grads(loss_fn, params, x, y)
+  slots = mask.shape[0]
+  if not microbatch:
+    losses, grads = grads_fn(params, *batch)
     summed, stats = clip_and_sum(grads, mask, clip, norm)
     return losses, summed, stats
-  chunks = -(-b // microbatch)
-  pad = chunks * microbatch - b
+  size = min(int(microbatch), slots)
+  chunks = -(-slots // size)
+  pad = chunks * size - slots  # < size <= slots: filled with copies of the first slots, masked
+  widen = lambda a: jnp.concatenate([a, a[:pad]]) if pad else a
+  batch = tuple(widen(a) for a in batch)
+  mask = jnp.concatenate([mask, jnp.zeros((pad,), mask.dtype)]) if pad else mask
+  last = jnp.max(jnp.where(mask > 0, jnp.arange(mask.shape[0]), -1))  # -1: nothing sampled
+  needed = (last + size) // size  # chunks up to and including the last sampled slot
+  take = lambda a, i: lax.dynamic_slice_in_dim(a, i * size, size)
 
-  def split(a):
-    a = jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)]) if pad else a
-    return a.reshape((chunks, microbatch) + a.shape[1:])
-
-  def body(total, chunk):
-    xc, yc, mc = chunk
-    losses, grads = per_example_grads(loss_fn, params, xc, yc)
-    summed, stats = clip_and_sum(grads, mc, clip, norm)
-    total = jax.tree_util.tree_map(jnp.add, total, summed)
-    return total, (losses, stats)
+  def body(carry):
+    i, total, losses, norms, unclipped, valid = carry
+    chunk_losses, grads = grads_fn(params, *(take(a, i) for a in batch))
+    part, stats = clip_and_sum(grads, take(mask, i), clip, norm)
+    put = lambda a, v: lax.dynamic_update_slice_in_dim(a, v.astype(a.dtype), i * size, 0)
+    total = jax.tree_util.tree_map(jnp.add, total, part)
+    return (i + 1, total, put(losses, chunk_losses), put(norms, stats.norms),
+            put(unclipped, stats.unclipped), put(valid, stats.valid))
 
   zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-  summed, (losses, stats) = jax.lax.scan(body, zeros, (split(x), split(y), split(mask)))
-  unsplit = lambda a: a.reshape((chunks * microbatch,) + a.shape[2:])[:b]
-  return unsplit(losses), summed, jax.tree_util.tree_map(unsplit, stats)
+  floats = jnp.zeros((chunks * size,), jnp.float32)
+  init = (jnp.int32(0), zeros, floats, floats, floats, floats)
+  _, summed, losses, norms, unclipped, valid = lax.while_loop(lambda c: c[0] < needed, body, init)
+  stats = ClipStats(norms=norms[:slots], unclipped=unclipped[:slots], valid=valid[:slots])
+  return losses[:slots], summed, stats
 
 
 def per_example_norms(grads: PyTree, norm: str = 'l2') -> jax.Array:

@@ -125,19 +125,30 @@ def test_noise_std_is_sigma_times_c(tiny):
   assert stats.kstest(noise / 1.5, 'norm').pvalue < 1e-6  # noise 3/2 as large is rejected
 
 
-@pytest.mark.parametrize('microbatch', [1, 2, 4])
-def test_microbatched_clipped_sum_equals_one_shot(tiny, microbatch):
-  """Chunks of 1, 2 (a padded last chunk) or 4 examples: same losses, norms, clipped sum."""
+@pytest.mark.parametrize('microbatch,mask', [
+    (1, [1, 1, 0, 1, 1]),  # a padding slot inside the batch
+    (2, [1, 1, 1, 1, 0]),  # a padded last chunk; the chunk after the last sample is skipped
+    (3, [1, 1, 1, 1, 1]),
+    (4, [1, 0, 0, 0, 0]),  # only the first chunk runs
+    (2, [0, 0, 0, 0, 0]),  # nothing sampled: no chunk runs
+    (8, [0, 1, 1, 0, 1]),  # microbatch >= batch
+])
+def test_microbatched_clipped_sum_equals_one_shot(tiny, microbatch, mask):
+  """Chunks over the sampled slots only: the same losses, norms, indicators and clipped sum."""
   _, params, x, y, loss_fn = tiny
-  mask = jnp.array([1.0, 1.0, 0.0, 1.0, 1.0])  # a padding slot inside the batch
-  one = clipping.clipped_sum(loss_fn, params, x, y, mask, jnp.float32(0.05))
-  chunked = clipping.clipped_sum(loss_fn, params, x, y, mask, jnp.float32(0.05),
+  x = x.at[2].set(jnp.nan)  # a non-finite example: dropped alike on both paths when sampled
+  mask = jnp.asarray(mask, jnp.float32)
+  grads_fn = lambda p, *batch: clipping.per_example_grads(loss_fn, p, *batch)
+  one = clipping.clipped_sum(grads_fn, params, (x, y), mask, jnp.float32(0.05))
+  chunked = clipping.clipped_sum(grads_fn, params, (x, y), mask, jnp.float32(0.05),
                                  microbatch=microbatch)
-  np.testing.assert_allclose(chunked[0], one[0], rtol=1e-6)
+  valid = np.asarray(one[2].valid) > 0
+  np.testing.assert_allclose(np.asarray(chunked[0])[valid], np.asarray(one[0])[valid], rtol=1e-6)
   np.testing.assert_allclose(_flat(chunked[1]), _flat(one[1]), rtol=1e-5, atol=1e-7)
   for a, b in zip(chunked[2], one[2]):
     np.testing.assert_allclose(a, b, rtol=1e-6)
-  assert float(jnp.sum(one[2].unclipped)) < 4  # the clip is active
+  # Sensitivity: every clipped contribution has norm <= C, so ||sum|| <= (valid count)·C.
+  assert float(jnp.linalg.norm(_flat(chunked[1]))) <= valid.sum() * 0.05 * (1 + 1e-5)
 
 
 def test_microbatched_client_update_equals_one_shot(tiny):
