@@ -103,7 +103,8 @@ class Trainer:
         momentum=float(config.fed.client_momentum),
         sparsify=self.controller.sparsity != 'none', aux=self.controller.aux,
         loss_cap=float(config.privacy.adaptive_noise.loss_cap), audit=self.audit is not None,
-        canary_scale=float(config.privacy.clip_norm))
+        canary_scale=float(config.privacy.clip_norm),
+        example_chunk=int(config.fed.example_chunk))
     self.round = server.build_round(self.client_cfg, server.server_optimizer(config.fed),
                                     self.controller, self.backend,
                                     chunk_size=int(config.fed.chunk_size), mesh=self.mesh)

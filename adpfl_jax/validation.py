@@ -112,6 +112,7 @@ def validate(config) -> None:
   _check(0 <= f.client_momentum < 1, 'fed.client_momentum', f.client_momentum, 'must be in [0, 1)')
   _check(f.server_lr > 0, 'fed.server_lr', f.server_lr, 'must be > 0')
   _check(f.chunk_size >= 1, 'fed.chunk_size', f.chunk_size, 'must be >= 1')
+  _check(f.example_chunk >= 0, 'fed.example_chunk', f.example_chunk, 'must be >= 0')
   _check(config.checkpoint.every_rounds >= 0, 'checkpoint.every_rounds',
          config.checkpoint.every_rounds, 'must be >= 0 (0 = no checkpoints)')
   _check(config.checkpoint.keep >= 1, 'checkpoint.keep', config.checkpoint.keep, 'must be >= 1')

@@ -42,6 +42,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.fed.backend = 'auto'  # auto | vmap | map | sharded | loop
   c.fed.chunk_size = 1  # map/sharded: clients vmapped inside one chunk
   c.fed.num_devices = 0  # sharded: 0 = all visible devices
+  # Per-example gradients this many at a time, over the sampled slots of the padded Poisson batch
+  # only (0 = every padded slot at once, vmapped). Same update; cost follows the realised batch
+  # and memory holds `example_chunk` per-example gradients (3D configs set 1).
+  c.fed.example_chunk = 0
   c.fed.client_lr = 0.1
   c.fed.client_momentum = 0.9
   c.fed.client_lr_schedule = 'constant'

@@ -46,6 +46,7 @@ def config_hash(config) -> str:
 # same function is executed or where the same data come from (backends compute the same round; a
 # prepared folder holds the same arrays as its raw release): none changes what trains.
 _NOT_IDENTITY = ('eval.', 'log.', 'checkpoint.', 'fed.backend', 'fed.chunk_size',
+                 'fed.example_chunk',
                  'fed.num_devices', 'model.fast_conv', 'data.dir', 'data.num_workers',
                  'data.cache_dir')
 

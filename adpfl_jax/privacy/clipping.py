@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 PyTree = Any
 
@@ -80,3 +81,47 @@ def clip_and_sum(grads: PyTree, mask: jax.Array, clip: jax.Array, norm: str = 'l
   stats = ClipStats(norms=jnp.where(valid, norms, 0.0), unclipped=unclipped,
                     valid=valid.astype(jnp.float32))
   return summed, stats
+
+
+def clip_and_sum_chunked(loss_fn: Callable[..., jax.Array], params: PyTree, x: jax.Array,
+                         y: jax.Array, mask: jax.Array, clip: jax.Array, norm: str = 'l2',
+                         chunk: int = 1):
+  """``per_example_grads`` then ``clip_and_sum``, ``chunk`` examples at a time, skipping padding.
+
+  The slots of a padded Poisson batch hold the sampled examples first (``mask`` is a prefix of
+  ones, as ``federated.sampling`` builds it). A ``lax.while_loop`` computes the per-example
+  gradients of ``ceil(Σmask / chunk)`` chunks only, so the cost follows the realised batch, not
+  the padded one, and at most ``chunk`` per-example gradients are held at once (peak memory).
+  Each example's gradient is clipped exactly as in ``clip_and_sum``: the sum, the norms and the
+  indicators are the same function of the data (up to floating-point summation order), so the
+  sensitivity and the accounting are unchanged.
+
+  Returns:
+    (per-example losses (B,), summed gradient pytree, ClipStats), as the unchunked path.
+  """
+  slots = mask.shape[0]
+  chunks = -(-slots // chunk)
+  pad = chunks * chunk - slots
+  if pad:
+    widen = lambda a: jnp.concatenate([a, jnp.zeros((pad,) + a.shape[1:], a.dtype)])
+    x, y, mask = widen(x), widen(y), widen(mask)
+  # Chunks that hold a sampled example; the prefix layout makes them the first ``needed``.
+  needed = jnp.ceil(jnp.sum(mask > 0) / chunk).astype(jnp.int32)
+  take = lambda a, i: lax.dynamic_slice_in_dim(a, i * chunk, chunk)
+  zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+  floats = jnp.zeros((chunks * chunk,), jnp.float32)
+
+  def body(carry):
+    i, summed, losses, norms, unclipped, valid = carry
+    chunk_losses, grads = per_example_grads(loss_fn, params, take(x, i), take(y, i))
+    part, stats = clip_and_sum(grads, take(mask, i), clip, norm)
+    put = lambda a, v: lax.dynamic_update_slice_in_dim(a, v.astype(a.dtype), i * chunk, 0)
+    summed = jax.tree_util.tree_map(jnp.add, summed, part)
+    return (i + 1, summed, put(losses, chunk_losses), put(norms, stats.norms),
+            put(unclipped, stats.unclipped), put(valid, stats.valid))
+
+  init = (jnp.int32(0), zeros, floats, floats, floats, floats)
+  _, summed, losses, norms, unclipped, valid = lax.while_loop(
+      lambda c: c[0] < needed, body, init)
+  stats = ClipStats(norms=norms[:slots], unclipped=unclipped[:slots], valid=valid[:slots])
+  return losses[:slots], summed, stats

@@ -123,3 +123,25 @@ def test_noise_std_is_sigma_times_c(tiny):
   assert stats.kstest(noise, 'norm').pvalue > 1e-3
   assert stats.kstest(noise * 1.5, 'norm').pvalue < 1e-6  # noise 2/3 as large is rejected
   assert stats.kstest(noise / 1.5, 'norm').pvalue < 1e-6  # noise 3/2 as large is rejected
+
+
+@pytest.mark.parametrize('chunk,realised', [(1, 5), (3, 4), (2, 0), (8, 5)])
+def test_chunked_clip_and_sum_equals_the_vmapped_one(tiny, chunk, realised):
+  # fed.example_chunk: per-example gradients a chunk at a time over the sampled prefix only must
+  # release the same clipped sum, norms and indicators (sensitivity C, accounting unchanged).
+  _, params, x, y, loss_fn = tiny
+  x = x.at[4].set(jnp.nan)  # a non-finite slot: dropped alike on both paths when it is sampled
+  mask = (jnp.arange(5) < realised).astype(jnp.float32)
+  clip = jnp.float32(0.05)
+  vals, grads = clipping.per_example_grads(loss_fn, params, x, y)
+  ref_sum, ref = clipping.clip_and_sum(grads, mask, clip)
+  losses_c, summed, st = clipping.clip_and_sum_chunked(loss_fn, params, x, y, mask, clip,
+                                                       chunk=chunk)
+  np.testing.assert_allclose(_flat(summed), _flat(ref_sum), rtol=1e-5, atol=1e-6)
+  for got, want in zip(st, ref):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+  valid = np.asarray(ref.valid) > 0
+  np.testing.assert_allclose(np.asarray(losses_c)[valid], np.asarray(vals)[valid], rtol=1e-5)
+  assert np.all(np.asarray(st.norms) >= 0) and np.sum(st.valid) == min(realised, 4)
+  # Every clipped per-example contribution has norm <= C, so the sum's norm is <= realised·C.
+  assert float(jnp.linalg.norm(_flat(summed))) <= realised * float(clip) * (1 + 1e-5)
