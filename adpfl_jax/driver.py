@@ -25,7 +25,6 @@ import threading
 import time
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm

@@ -130,3 +130,4 @@ def clip_and_sum(grads: PyTree, mask: jax.Array, clip: jax.Array, norm: str = 'l
   stats = ClipStats(norms=jnp.where(valid, norms, 0.0), unclipped=unclipped,
                     valid=valid.astype(jnp.float32))
   return summed, stats
+

@@ -24,8 +24,12 @@ def _one_round(cfg, data, tmp):
 def test_all_backends_agree(tiny_data, tmp_path, tiny_config):
   assert jax.device_count() >= 2, 'tests run with forced CPU devices (see tests/conftest.py)'
   ref, ref_m = _one_round(tiny_config(**{'fed.backend': 'loop'}), tiny_data, str(tmp_path))
+  # privacy.microbatch_size: per-example gradients over the sampled slots only, under a batched
+  # while loop (vmap) and a plain one (loop): the same round.
   for backend, extra in [('vmap', {}), ('map', {}), ('map', {'fed.chunk_size': 2}),
-                         ('sharded', {'fed.clients_per_round': 3})]:
+                         ('sharded', {'fed.clients_per_round': 3}),
+                         ('vmap', {'privacy.microbatch_size': 2}),
+                         ('loop', {'privacy.microbatch_size': 1})]:
     cfg = tiny_config(**{'fed.backend': backend, **extra})
     got, m = _one_round(cfg, tiny_data, str(tmp_path))
     if backend == 'sharded':  # 3 clients padded to 4 devices: compare with loop on 3 clients
@@ -33,7 +37,7 @@ def test_all_backends_agree(tiny_data, tmp_path, tiny_config):
                                 tiny_data, str(tmp_path))
     else:
       want, want_m = ref, ref_m
-    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6, err_msg=backend)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-6, err_msg=f'{backend} {extra}')
     np.testing.assert_allclose(m['train_loss'], want_m['train_loss'], rtol=1e-4)
 
 

@@ -9,6 +9,7 @@ from jax.flatten_util import ravel_pytree
 
 from adpfl_jax import losses
 from adpfl_jax import models
+from adpfl_jax.ops import conv
 
 
 def _cfg(name, **kw):
@@ -45,6 +46,26 @@ def test_fast_and_plain_convs_give_same_gradients():
   g = [ravel_pytree(jax.grad(lambda p, s=s: losses.segmentation_loss(s.apply(p, x), y))(params))[0]
        for s in (fast, plain)]
   np.testing.assert_allclose(g[0], g[1], rtol=1e-4, atol=1e-6)
+
+
+def test_3d_per_example_gradients_agree_across_conv_impls():
+  # vmap(grad) as DP-SGD takes it: the depth-folded convolutions and looped kernel gradients
+  # (impl 'fold', the 3D default) against lax's own convolutions.
+  shape = (8, 8, 4, 1)
+  fast = models.get_model(_cfg('unet3d', depth=1), shape, 3)
+  plain = models.get_model(_cfg('unet3d', depth=1, fast_conv=False), shape, 3)
+  params = fast.init(jax.random.key(0))
+  x = jax.random.normal(jax.random.key(1), (2,) + shape)
+  y = jax.random.randint(jax.random.key(2), (2,) + shape[:-1], 0, 3)
+
+  def per_example_grads(spec, impl):
+    with conv.use_impl(impl):
+      loss = lambda p, xi, yi: losses.segmentation_loss(spec.apply(p, xi), yi)
+      grads = jax.jit(jax.vmap(jax.grad(loss), (None, 0, 0)))(params, x, y)
+    return jax.vmap(lambda g: ravel_pytree(g)[0])(grads)
+
+  np.testing.assert_allclose(per_example_grads(fast, 'fold'), per_example_grads(plain, 'auto'),
+                             rtol=1e-4, atol=1e-6)
 
 
 def test_depth_must_divide_spatial_shape():

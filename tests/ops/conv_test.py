@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -38,16 +41,16 @@ def _assert_tree_close(actual, expected, rtol=RTOL, atol=ATOL):
   )
 
 
-def _check_against_lax(x_shape, w_shape, seed=0, **kwargs):
+def _check_against_lax(x_shape, w_shape, seed=0, impl=None, **kwargs):
   rng = np.random.default_rng(seed)
   x, w = _normal(rng, x_shape), _normal(rng, w_shape)
   out_shape = jax.eval_shape(lambda x, w: lax.conv_general_dilated(x, w, **kwargs), x, w).shape
   cotangent = _normal(rng, out_shape)
+  ours = functools.partial(conv.conv_general_dilated, impl=impl)
   # One compilation for both implementations keeps the test fast.
   (y_ref, grads_ref), (y, grads) = jax.jit(
     lambda x, w, ct: [
-      _value_and_grads(f, x, w, ct, **kwargs)
-      for f in (lax.conv_general_dilated, conv.conv_general_dilated)
+      _value_and_grads(f, x, w, ct, **kwargs) for f in (lax.conv_general_dilated, ours)
     ]
   )(x, w, cotangent)
   assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
@@ -122,6 +125,46 @@ CASES = {
     None,
     DN3,
   ),
+  '3d_odd_valid': ((2, 5, 7, 3, 3), (3, 3, 2, 3, 4), (1, 1, 1), 'VALID', None, None, DN3),
+  '3d_1x1_stride2': ((2, 5, 4, 3, 3), (1, 1, 1, 3, 2), (2, 2, 2), 'VALID', None, None, DN3),
+  '3d_depth_stride_only': ((2, 7, 4, 5, 2), (3, 3, 3, 2, 3), (2, 1, 1), 'SAME', None, None, DN3),
+  '3d_stride2_valid_drops_rows': (
+    (2, 6, 7, 5, 2),
+    (3, 3, 3, 2, 3),
+    (2, 2, 2),
+    'VALID',
+    None,
+    None,
+    DN3,
+  ),
+  '3d_transposed_stride2_odd': (
+    (2, 3, 4, 2, 3),
+    (3, 3, 3, 3, 2),
+    (1, 1, 1),
+    ((1, 2), (2, 1), (1, 1)),
+    (2, 2, 2),
+    None,
+    DN3,
+  ),
+  '3d_atrous_depth_strided': (
+    (2, 9, 5, 4, 2),
+    (3, 2, 2, 2, 3),
+    (2, 1, 1),
+    ((2, 1), (1, 0), (0, 1)),
+    None,
+    (3, 1, 2),
+    DN3,
+  ),
+  '3d_negative_pad': (
+    (2, 6, 5, 4, 2),
+    (3, 3, 3, 2, 3),
+    (1, 2, 1),
+    ((-1, 2), (1, -1), (0, 0)),
+    None,
+    None,
+    DN3,
+  ),
+  '3d_wide_out': ((2, 4, 3, 5, 2), (3, 3, 3, 2, 5), (1, 1, 1), 'SAME', None, None, DN3),
   # 1D.
   '1d_3_stride2': ((2, 9, 3), (3, 3, 4), (2,), 'SAME', None, None, DN1),
   '1d_transposed': ((2, 5, 3), (3, 3, 4), (1,), ((2, 1),), (2,), None, DN1),
@@ -139,12 +182,14 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize('impl', ['native', 'fold'])
 @pytest.mark.parametrize('name', sorted(CASES))
-def test_forward_and_grads_match_lax(name):
+def test_forward_and_grads_match_lax(name, impl):
   x_shape, w_shape, strides, padding, lhs_dil, rhs_dil, dn = CASES[name]
   _check_against_lax(
     x_shape,
     w_shape,
+    impl=impl,
     window_strides=strides,
     padding=padding,
     lhs_dilation=lhs_dil,
@@ -361,6 +406,166 @@ def test_second_order_via_jvp_of_grad():
     return jax.jvp(lambda p: grad_fn(p, x[0]), (params,), (tangent,))[1]
 
   _assert_tree_close(hvp(conv.conv_general_dilated), hvp(lax.conv_general_dilated), 1e-3, 1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3D: the depth-folded convolution and the per-example kernel gradient, as a DP-SGD step runs them.
+
+
+class _Net3D(nn.Module):
+  """3x3x3 SAME conv -> stride-2 VALID conv on odd sizes -> 3x3x3 stride-2 transposed conv -> 1x1x1.
+
+  The transposed conv is ``conv.ConvTranspose`` (an lhs-dilated conv); ``impl=None`` selects
+  flax's own modules (``lax.conv_general_dilated`` and ``lax.conv_transpose``, plain autodiff).
+  """
+
+  impl: str | None
+
+  @nn.compact
+  def __call__(self, x):
+    if self.impl is None:
+      conv_cls, convt_cls = nn.Conv, nn.ConvTranspose
+    else:
+      conv_fn = functools.partial(conv.conv_general_dilated, impl=self.impl)
+      conv_cls = functools.partial(nn.Conv, conv_general_dilated=conv_fn)
+      convt_cls = conv.ConvTranspose
+    h = jnp.tanh(conv_cls(3, (3, 3, 3), padding='SAME')(x))
+    h = jnp.tanh(conv_cls(4, (3, 2, 3), strides=2, padding='VALID')(h))
+    h = jnp.tanh(convt_cls(2, (3, 3, 3), strides=(2, 2, 2), padding='SAME')(h))
+    return conv_cls(1, (1, 1, 1))(h)
+
+
+def _net3d_setup(seed=9, batch=3, shape=(5, 7, 6, 2)):
+  rng = np.random.default_rng(seed)
+  x = _normal(rng, (batch,) + shape)
+  params = _Net3D(None).init(jax.random.key(seed), x[:1])
+  return params, x
+
+
+def _net3d_loss(impl):
+  def loss(params, x):
+    with conv.use_impl(impl or 'auto'):
+      return jnp.sum(jnp.sin(_Net3D(impl).apply(params, x[None])))
+
+  return loss
+
+
+@pytest.mark.parametrize('impl', ['native', 'fold'])
+def test_3d_per_example_grads_under_vmap_inside_scan(impl):
+  # The client's local steps: lax.scan over steps, vmap(grad) over the examples of each step.
+  params, x = _net3d_setup()
+  xs = jnp.stack([x, x[::-1] * 0.5])
+
+  def train(impl):
+    grad_fn = jax.vmap(jax.grad(_net3d_loss(impl)), in_axes=(None, 0))
+
+    def step(p, x_step):
+      g = grad_fn(p, x_step)
+      p = jax.tree_util.tree_map(lambda a, b: a - 0.1 * b.sum(0), p, g)
+      return p, g
+
+    return jax.jit(lambda p, xs: lax.scan(step, p, xs))(params, xs)
+
+  _assert_tree_close(train(impl), train(None))
+
+
+def test_3d_nested_vmap_over_clients_and_examples():
+  # The vmap backend: one model per client, per-example gradients inside.
+  params, x = _net3d_setup(batch=2)
+  stacked = jax.tree_util.tree_map(lambda p: jnp.stack([p, -0.5 * p]), params)
+  xs = jnp.stack([x, x[::-1]])
+
+  def grads(impl):
+    per_example = jax.vmap(jax.grad(_net3d_loss(impl)), in_axes=(None, 0))
+    return jax.jit(jax.vmap(per_example))(stacked, xs)
+
+  _assert_tree_close(grads('fold'), grads(None))
+
+
+def test_3d_higher_order_derivatives_match():
+  # Forward-over-reverse (Hessian-vector products) and reverse-over-reverse through the
+  # depth-folded convolution and the looped kernel gradient.
+  params, x = _net3d_setup(seed=10, batch=2)
+  tangent = jax.tree_util.tree_map(jnp.ones_like, params)
+
+  def hvp(impl):
+    grad_fn = jax.vmap(jax.grad(_net3d_loss(impl)), in_axes=(None, 0))
+    return jax.jit(lambda p, t: jax.jvp(lambda p: grad_fn(p, x), (p,), (t,))[1])(params, tangent)
+
+  def grad_of_grad_norm(impl):
+    grad_fn = jax.grad(_net3d_loss(impl))
+    sq = lambda p: sum(jnp.sum(g**2) for g in jax.tree_util.tree_leaves(grad_fn(p, x[0])))
+    return jax.jit(jax.grad(sq))(params)
+
+  _assert_tree_close(hvp('fold'), hvp(None), 1e-3, 1e-4)
+  _assert_tree_close(grad_of_grad_norm('fold'), grad_of_grad_norm(None), 1e-3, 1e-4)
+
+
+def _conv_eqns(jaxpr):
+  """Every ``conv_general_dilated`` equation of a jaxpr, sub-jaxprs (scan, map, custom) included."""
+  found = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == 'conv_general_dilated':
+      found.append(eqn)
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      found += _conv_eqns(sub)
+  return found
+
+
+def test_fold_emits_only_ungrouped_2d_convolutions():
+  # What makes the 3D DP step fast on XLA:CPU: no 3D convolution (XLA:CPU runs them several times
+  # slower than 2D ones) and no grouped convolution (what vmap makes of a per-example
+  # weight-gradient convolution).
+  params, x = _net3d_setup()
+
+  def convs(impl):
+    per_example = jax.vmap(jax.grad(_net3d_loss(impl)), in_axes=(None, 0))
+    return _conv_eqns(jax.make_jaxpr(per_example)(params, x).jaxpr)
+
+  folded = convs('fold')
+  assert folded and all(e.invars[0].aval.ndim == 4 for e in folded)
+  assert all(e.params['feature_group_count'] == 1 for e in folded)
+  native = convs('native')
+  assert any(e.invars[0].aval.ndim == 5 for e in native)
+  assert any(e.params['feature_group_count'] > 1 for e in native)
+
+
+def test_3d_low_precision_accumulates_partial_sums_in_float32():
+  rng = np.random.default_rng(11)
+  x, w = _normal(rng, (2, 6, 5, 4, 3), jnp.bfloat16), _normal(rng, (3, 3, 3, 3, 4), jnp.bfloat16)
+  args = ((1, 1, 1), 'SAME')
+  ref = lax.conv_general_dilated(
+    x, w, *args, dimension_numbers=DN3, preferred_element_type=jnp.float32
+  )
+  for kwargs in (dict(), dict(preferred_element_type=jnp.float32)):
+    y = conv.conv_general_dilated(x, w, *args, dimension_numbers=DN3, impl='fold', **kwargs)
+    assert y.dtype == kwargs.get('preferred_element_type', jnp.bfloat16)
+    _assert_tree_close(y.astype(jnp.float32), ref, 2e-2, 5e-2)
+
+
+def test_impl_selection():
+  x, w = jnp.ones((1, 4, 4, 4, 2)), jnp.ones((3, 3, 3, 2, 2))
+
+  def ndims(**kwargs):
+    f = lambda x, w: conv.conv_general_dilated(
+      x, w, (1, 1, 1), 'SAME', dimension_numbers=DN3, **kwargs
+    )
+    return {e.invars[0].aval.ndim for e in _conv_eqns(jax.make_jaxpr(f)(x, w).jaxpr)}
+
+  assert ndims() == {4}  # 'auto': 3D convolutions are folded
+  assert ndims(impl='native') == {5}
+  with conv.use_impl('native'):
+    assert ndims() == {5}
+    with conv.use_impl('fold'):
+      assert ndims() == {4}
+    assert ndims() == {5}
+    assert ndims(impl='auto') == {4}  # an explicit impl wins over the context
+  assert ndims() == {4}
+  with pytest.raises(ValueError, match='impl'):
+    conv.conv_general_dilated(x, w, (1, 1, 1), 'SAME', dimension_numbers=DN3, impl='eigen')
+  with pytest.raises(ValueError, match='impl'):
+    with conv.use_impl('eigen'):
+      pass
 
 
 # ---------------------------------------------------------------------------------------------
